@@ -1,0 +1,17 @@
+"""Model files, one per architecture; importing this package registers every one of them.
+
+Every model exposes ``forward(x, **extra) -> logits``, ``forward_features(x, **extra) -> (B, D)`` (penultimate
+features, for t-SNE) and ``num_classes``. RGB-D models take ``depth=`` as a keyword.
+"""
+import importlib
+import pkgutil
+
+from .registry import (CheckpointMismatchError, KeyReport, ModelInfo, create_model, list_models, load_filtered_state,
+                       load_state_file, model_info, register_model)
+
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _m != "registry" and not _m.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m}")
+
+__all__ = ["create_model", "list_models", "model_info", "register_model", "ModelInfo", "KeyReport",
+           "load_state_file", "load_filtered_state", "CheckpointMismatchError"]
