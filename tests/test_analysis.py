@@ -1,6 +1,7 @@
 """Analysis and reports: every figure and table on a tiny run, with values checked where they can be computed."""
 import csv
 import functools
+import importlib.util
 import json
 import math
 import shutil
@@ -27,6 +28,8 @@ from ferkit.models import list_models
 from tiny import TinyFaces, write_imagefolder
 
 PAPER_MODELS = ("resnet18", "dsan", "arm", "poster_small", "rgbd_cmsa")  # poster_small: POSTER with 4 levels
+needs_gradcam = pytest.mark.skipif(importlib.util.find_spec("pytorch_grad_cam") is None,
+                                   reason="grad-cam not installed (pip install 'ferkit[analysis]')")
 
 
 def _png(path) -> tuple[int, int]:
@@ -59,6 +62,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ whole-run analyses
+@needs_gradcam
 def test_analyze_writes_report_with_every_plot(tiny_run):
     report = analyze_run(tiny_run, tsne=True, gradcam=True, num_images=4)
     text = report.read_text()
@@ -148,6 +152,7 @@ class _Bright(nn.Module):
         return self.fc(torch.relu(self.conv(x)).amax(dim=(2, 3)))
 
 
+@needs_gradcam
 def test_gradcam_points_at_the_evidence():
     x = torch.zeros(1, 3, 32, 32)
     x[:, :, 20:28, 4:12] = 1.0  # bright patch, bottom left
@@ -170,6 +175,7 @@ def _model(name: str) -> nn.Module:
     return create_model(name, num_classes=4).eval()
 
 
+@needs_gradcam
 @pytest.mark.parametrize("name", PAPER_MODELS)
 def test_gradcam_grid_for_each_paper_model(name, tmp_path):
     model = _model(name)
@@ -186,6 +192,7 @@ def test_gradcam_grid_for_each_paper_model(name, tmp_path):
     assert w > 200 and h > 200
 
 
+@needs_gradcam
 def test_gradcam_through_vit_tokens():
     """A token layer (rgbd_cmsa's ViT encoder: cls + 2x2 tokens at 64 px) through the "tokens" reshape. The block
     before the last is used: only the cls token of the last block reaches the head, so its patch tokens get no
@@ -204,6 +211,7 @@ def _rgbd_sample(i: int) -> dict:
             "depth": Image.fromarray(depth, "F"), "label": i % 4}
 
 
+@needs_gradcam
 def test_gradcam_needs_depth_for_rgbd(tmp_path):
     tf = build_transform("eval", 64, (0.5,) * 3, (0.5,) * 3, AugmentConfig())
     with pytest.raises(ValueError, match="depth"):

@@ -77,6 +77,9 @@ def test_forward_backward_tiny():
     assert all(p.grad is None and not p.requires_grad for p in model.landmark_stream.parameters())
     assert all(p.grad is None for p in model.image_stream.output_layer.parameters())  # built, never run
     assert model.eval().forward_features(_batch()["image"]).shape == (4, 64)
+    bgr, rgb = _tiny(bgr_input=True).eval(), _tiny().eval()  # official weights were trained on cv2's BGR images
+    x = _batch()["image"]
+    torch.testing.assert_close(bgr(x), rgb(x.flip(1)))
 
 
 def test_cross_fusion_attention_is_the_equation():

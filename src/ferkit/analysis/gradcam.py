@@ -31,7 +31,10 @@ __all__ = ["CAM_METHODS", "BoundInputs", "reshape_transform", "resolve_target_la
 
 
 def _cam_methods() -> dict[str, type]:
-    import pytorch_grad_cam as pgc
+    try:
+        import pytorch_grad_cam as pgc
+    except ImportError:
+        raise ImportError("Grad-CAM needs the grad-cam package: pip install 'ferkit[analysis]'") from None
 
     return {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
             "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM}
@@ -117,9 +120,9 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, *,
 
     ``targets``: class per image (default: the predicted class).
     """
+    methods = _cam_methods()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    methods = _cam_methods()
     if method not in methods:
         raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
     was_training = model.training

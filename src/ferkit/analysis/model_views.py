@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -205,12 +206,13 @@ def _dsan_views(model: nn.Module, ctx: ViewContext) -> list[View]:
         b = stats["b"]
         ax["b"].boxplot([b[:, f] for f in range(b.shape[1])], showfliers=False)
         ax["b"].set_xticks(range(1, b.shape[1] + 1), [f"f={f + 1}" for f in range(b.shape[1])])
-        ax["b"].set(title="MFF-AN local feature weights b_f (Eq. 8)", ylim=(0, 1))
+        ax["b"].set(title="MFF-AN local feature weights b_f (Eq. 8)")
         text.append("Mean LFA weights b_f: " + ", ".join(f"f{f + 1} {b[:, f].mean():.3f}" for f in range(b.shape[1])))
     if "epochs" in ax:
         hist = [(r["epoch"], r["p_a_zero"]) for r in ctx.history if "p_a_zero" in r]
         ax["epochs"].plot(*zip(*hist), marker="o")
         ax["epochs"].set(title="P(a_ij = 0) on training batches", xlabel="epoch", ylim=(0, 1))
+        ax["epochs"].xaxis.set_major_locator(MaxNLocator(integer=True))
     for a_ in axes[0]:
         a_.grid(alpha=0.3)
     _save(fig, ctx.out_dir / "dsan_attention.png")

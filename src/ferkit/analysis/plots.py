@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from ferkit.engine.metrics import normalize_confusion  # noqa: E402
 
@@ -37,6 +37,7 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
         pts = [(r["epoch"], r[k]) for r in history if isinstance(r.get(k), (int, float))]
         axes[0].plot(*zip(*pts), marker=".", lw=1, alpha=0.8, label=k[len("train_"):])
     axes[0].set_title("training loss")
+    _log_if_spread(axes[0], [r[k] for r in history for k in ["train_loss", *terms] if k in r])
     axes[0].legend(fontsize=7)
     for metric, ax in (("wa", axes[1]), ("ua", axes[2])):
         if "train_acc" in history[0] and metric == "wa":
@@ -51,17 +52,33 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
             ax.set_ylim(mid - 2.5, mid + 2.5)
         ax.set_title(f"{metric.upper()} %")
         ax.legend(fontsize=8)
-    for name in history[0].get("lr", {}):
-        axes[3].plot(epochs, [r["lr"][name] for r in history], marker="o", label=name)
+    lrs = {name: [(r["epoch"], r["lr"][name]) for r in history if r["lr"].get(name, 0) > 0]
+           for name in history[0].get("lr", {})}  # a schedule that ends at 0 loses its last point on a log axis
+    for name, pts in lrs.items():
+        if pts:
+            axes[3].plot(*zip(*pts), marker="o", label=name)
     axes[3].set_title("learning rate (end of epoch)")
-    if all(v > 0 for r in history for v in r.get("lr", {}).values()):
-        axes[3].set_yscale("log")
+    _log_if_spread(axes[3], [v for pts in lrs.values() for _, v in pts], ratio=1.0)
     axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _log_if_spread(ax, values: Sequence[float], ratio: float = 20.0) -> None:
+    """Log scale when every value is positive and they span more than ``ratio`` (loss terms of different size,
+    learning rates of several optimisers or decaying over decades)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(v) and (v > 0).all() and v.max() / v.min() > ratio:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        if v.max() / v.min() < 1000:  # few decades: label 2x and 5x in between
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> Path:

@@ -54,7 +54,7 @@ __all__ = [
 OCCLUSIONS = ("none", "mask", "glasses", "top", "bottom", "left", "right")
 SPLITS = {"train": 0, "val": 1, "test": 2, "all": 3}
 _SUBJECT_STRIDE = 100_000  # subject numbers of split s are SPLITS[s] * stride + k, so splits never share identities
-RENDERER_VERSION = 1  # bump when the pictures change, so on-disk caches are rebuilt
+RENDERER_VERSION = 2  # bump when the pictures change, so on-disk caches are rebuilt
 
 # Facial action units used (FACS numbers). AU14 is one-sided (subject's right = image left): the dimpler together
 # with a trace of one-sided lip corner pull, i.e. the R12A+R14A of contempt.
@@ -429,7 +429,8 @@ class _Grid:
         """Fixed-point (shift=4) integer points for cv2 drawing."""
         return _fixed_pts(self.px(xy))
 
-    def len(self, units: float) -> int:
+    def thick(self, units: float) -> int:
+        """A line thickness in whole pixels (at least 1) for a width in face units."""
         return max(1, int(round(units * self.k)))
 
     def fill(self, img: np.ndarray, poly: np.ndarray, colour: Any) -> None:
@@ -438,7 +439,7 @@ class _Grid:
 
     def line(self, img: np.ndarray, pts: np.ndarray, colour: Any, width: float) -> None:
         """Anti-aliased open polyline in face coordinates, ``width`` in face units."""
-        cv2.polylines(img, [self.ipts(pts)], False, colour, self.len(width), cv2.LINE_AA, 4)
+        cv2.polylines(img, [self.ipts(pts)], False, colour, self.thick(width), cv2.LINE_AA, 4)
 
     def axes(self) -> tuple[np.ndarray, np.ndarray]:
         h, w = self.shape
@@ -593,7 +594,7 @@ def _paint_ears(tex: np.ndarray, grid: _Grid, idt: Identity) -> None:
     for s in (-1, 1):
         c = grid.px((s * idt.a * 0.95, y))
         _ellipse(tex, c, (0.07 * grid.k, 0.2 * grid.k), 0, _colour(np.asarray(idt.skin) * 0.93))
-        _ellipse(tex, c, (0.035 * grid.k, 0.12 * grid.k), 0, _colour(np.asarray(idt.skin) * 0.72), grid.len(0.015))
+        _ellipse(tex, c, (0.035 * grid.k, 0.12 * grid.k), 0, _colour(np.asarray(idt.skin) * 0.72), grid.thick(0.015))
 
 
 def _paint_brows(tex: np.ndarray, grid: _Grid, idt: Identity, lm: np.ndarray) -> None:
@@ -731,7 +732,7 @@ def _paint_glasses(tex: np.ndarray, grid: _Grid, idt: Identity, lm: np.ndarray, 
     for c in centres:
         axes = (ax[0] * grid.k, ax[1] * grid.k)
         _ellipse(tex, grid.px(c), axes, 0, lens)
-        _ellipse(tex, grid.px(c), axes, 0, frame, grid.len(0.02))
+        _ellipse(tex, grid.px(c), axes, 0, frame, grid.thick(0.02))
         glint = np.array([c + (-ax[0] * 0.5, -ax[1] * 0.2), c + (-ax[0] * 0.2, -ax[1] * 0.6)])
         grid.line(tex, glint, (110, 112, 118), 0.015)
     bridge = np.array([centres[0] + (ax[0], -0.03), (0, centres[0][1] - 0.05), centres[1] + (-ax[0], -0.03)])
@@ -1045,9 +1046,13 @@ def render_arrays(cfg: SyntheticConfig, split: str, workers: int = 1, progress: 
     parts: list[dict[str, np.ndarray]] = []
     with tqdm(total=n, desc=f"synthetic {split}", unit="img", disable=not progress) as bar:
         if workers > 1:
-            # fork where the platform has it (no re-import of torch per worker; workers use numpy and cv2 only)
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(workers, initializer=_worker_init) as pool:
+            # never plain fork: a parent whose OpenCV / OpenMP thread pools are running hands the child a held lock
+            # (seen: workers hanging in cv2.setNumThreads). forkserver forks from a clean, thread-free server.
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            if method == "forkserver":  # the server imports this module (and torch, via base) once for all workers
+                ctx.set_forkserver_preload([__name__])
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
                 for part in pool.imap(_render_range, jobs):
                     parts.append(part)
                     bar.update(len(part["label"]))
@@ -1070,7 +1075,8 @@ class SyntheticFaces(FaceDataset):
     ``self.depth`` float16 (N,S,S), ``self.landmarks`` float32 (N,68,2)), in a process pool when ``workers > 1``;
     with ``cache_dir`` the arrays are also stored as ``.npz`` keyed by a hash of (cfg, split, renderer version), so a
     second run loads them instantly. Splits train / val / test have disjoint subjects; "all" is one more disjoint pool
-    for subject-wise cross-validation.
+    for subject-wise cross-validation. With ``workers > 1`` the pool starts processes by forkserver / spawn, so a
+    script doing this at top level needs the usual ``if __name__ == "__main__":`` guard.
     """
 
     name = "synthetic"

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_cat", "barrier", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_cat", "average_gradients",
+           "broadcast_module", "barrier", "cleanup"]
 
 
 @dataclass
@@ -50,6 +51,24 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(info.world_size)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's parameters and buffers (what DDP does at construction)."""
+    if info.enabled:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params, info: DistInfo) -> None:
+    """All-reduce and average ``.grad`` of ``params``: the gradient sync for methods that run several backward
+    passes per step (SAM), which cannot live inside one DDP forward."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(info.world_size)
 
 
 def barrier(info: DistInfo) -> None:

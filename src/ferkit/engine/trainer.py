@@ -32,7 +32,8 @@ from ferkit.data.transforms import build_transform
 from ferkit.methods import Method, build_method
 from ferkit.models import create_model, model_info
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, broadcast_module, cleanup,
+                          init_distributed)
 from .evaluate import Predictions, evaluate_predictions, predict_loader
 from .optim import build_optimizer, build_scheduler, scheduler_steps_per_batch
 
@@ -141,7 +142,9 @@ class Trainer:
         self.state = TrainState()
         self.amp_dtype, self.scaler = self._setup_amp()
         self.step_module: nn.Module = _StepAdapter(self.method)
-        if self.dist.enabled:
+        if self.dist.enabled and self.method.manual_optimization:
+            broadcast_module(self.method, self.dist)  # gradients are averaged in _backward instead of by DDP
+        elif self.dist.enabled:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(cfg.method.kwargs.get("find_unused_parameters", False)))
@@ -255,6 +258,8 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.cfg.train.accum_steps
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.method.manual_optimization:
+            average_gradients(self.method.parameters(), self.dist)
 
     def _optimizer_step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
         t = self.cfg.train
