@@ -2,4 +2,5 @@ import sys
 
 from ferkit.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: worker processes (forkserver / spawn) import __main__
+    sys.exit(main())

@@ -63,7 +63,7 @@ class SampleTransform:
         h, w = image.shape[-2:]
         inputs: dict[str, Any] = {"image": image}
         if "depth" in sample:
-            inputs["depth"] = tv_tensors.Image(torch.from_numpy(np.asarray(sample["depth"], dtype=np.float32))[None])
+            inputs["depth"] = tv_tensors.Image(torch.from_numpy(np.array(sample["depth"], dtype=np.float32))[None])
         if "landmarks" in sample:
             inputs["landmarks"] = tv_tensors.KeyPoints(torch.as_tensor(sample["landmarks"], dtype=torch.float32),
                                                        canvas_size=(h, w))
