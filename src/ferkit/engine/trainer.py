@@ -287,9 +287,12 @@ class Trainer:
                 s.step()
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return {k: (v.to(self.device, non_blocking=True, memory_format=fmt) if v.ndim == 4 else
-                    v.to(self.device, non_blocking=True)) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: self._tensor_to_device(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _tensor_to_device(self, v: torch.Tensor) -> torch.Tensor:
+        if v.ndim == 4 and self.cfg.train.channels_last:  # image-like (B, C, H, W)
+            return v.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return v.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -299,8 +302,8 @@ class Trainer:
             while self.state.epoch < t.epochs:
                 epoch = self.state.epoch
                 train_logs = self._train_epoch(epoch, start)
-                for s in self.schedulers.values():
-                    if not self.per_batch_sched:
+                if not self.per_batch_sched:
+                    for s in self.schedulers.values():
                         s.step()
                 record = {"epoch": epoch + 1, **train_logs, **self.method.on_train_epoch_end(epoch)}
                 record.update(self._evaluate_epoch())
