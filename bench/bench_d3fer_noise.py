@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,13 +39,16 @@ import numpy as np
 import torch
 
 from ferkit.config import Config, load_config
-from ferkit.data.base import FaceDataset, Subset
+from ferkit.data.base import FaceDataset
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.data.transforms import build_transform
 from ferkit.engine import Trainer
 from ferkit.engine.trainer import input_spec
 from ferkit.engine.evaluate import evaluate_predictions, predict_loader
 from ferkit.models import model_info
+
+from _common import fresh_dir
+from _common import seconds_per_sample as warm_seconds_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"synthetic": "d3fer_synthetic", "fer2013": "d3fer_fer2013"}
@@ -112,21 +114,11 @@ def budget_momentum(post_warmup_steps: int, paper_m: float = 0.999) -> float:
 
 
 def calibrate(dataset: str, method: str, splits: DataSplits, args: argparse.Namespace, out: Path) -> float:
-    """Seconds per training sample of ``method``: one epoch over a few batches (includes data loading)."""
-    cfg = run_config(dataset, method, 0.0, 1, 1, args)
-    n = min(len(splits.train), 8 * cfg.train.batch_size)
-    rng = np.random.default_rng(args.seed)
-    small = DataSplits(Subset(splits.train, np.sort(rng.permutation(len(splits.train))[:n]), "train"),
-                       Subset(splits.test, np.arange(min(len(splits.test), cfg.train.eval_batch_size)), "test"))
-    trainer = Trainer(cfg, fresh_dir(out / "calibration" / f"{dataset}_{method}"), splits=small)
-    trainer.fit()
-    return trainer.state.history[-1]["time_s"] / n
-
-
-def fresh_dir(path: Path) -> Path:
-    """A run directory emptied of an earlier bench's run (the engine appends to an existing metrics.jsonl)."""
-    shutil.rmtree(path, ignore_errors=True)
-    return path
+    """Seconds per training sample of ``method``: warm-epoch calibration over eight batches (data loading included;
+    D3FER past its one warm-up epoch, so filtering and the queue are timed too)."""
+    cfg = run_config(dataset, method, 0.0, 2, 1, args)
+    return warm_seconds_per_sample(cfg, splits, out / "calibration" / f"{dataset}_{method}",
+                                   8 * cfg.train.batch_size, cfg.train.eval_batch_size, args.seed)
 
 
 def budget_epochs(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> int:

@@ -26,17 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ferkit import create_model
 from ferkit.config import Config, OptimConfig, load_config
-from ferkit.data.base import Subset
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.engine import Trainer
 from ferkit.engine.optim import build_optimizer
 from ferkit.engine.trainer import resolve_device
 from ferkit.methods import OptimizerSpec, build_method
+
+from _common import seconds_per_sample as calibrate
+from _common import subset
 
 PARTS = ("speed", "baseline", "landmarks")
 
@@ -115,21 +116,11 @@ def run_config(preset: str, args: argparse.Namespace, extra: list[str]) -> Confi
     return load_config(preset, ov + extra)
 
 
-def _subset(ds, n: int, seed: int, split: str):
-    pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
-    return Subset(ds, pick, split)
-
-
 def seconds_per_sample(preset: str, splits: DataSplits, args: argparse.Namespace, out: Path,
                        extra: list[str]) -> float:
-    """One epoch over a few batches of the training set (evaluation on a small test subset included)."""
-    cfg = run_config(preset, args, ["train.epochs=1", *extra])
-    n = min(len(splits.train), 2 * cfg.train.batch_size)
-    small = DataSplits(_subset(splits.train, n, args.seed, "train"),
-                       _subset(splits.test, min(len(splits.test), 16), args.seed, "test"))
-    trainer = Trainer(cfg, out / "calibration" / preset, splits=small)
-    trainer.fit()
-    return trainer.state.history[-1]["time_s"] / n
+    """Warm-epoch calibration over two batches of the training set (see ``_common.seconds_per_sample``)."""
+    cfg = run_config(preset, args, extra)
+    return calibrate(cfg, splits, out / "calibration" / preset, 2 * cfg.train.batch_size, 16, args.seed)
 
 
 def plan(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> tuple[int, int]:
@@ -145,7 +136,7 @@ def train_one(preset: str, label: str, epochs: int, n_train: int, splits: DataSp
               out: Path, extra: list[str] | None = None) -> dict:
     cfg = run_config(preset, args, [f"train.epochs={epochs}", f"train.time_budget_min={args.budget_min}",
                                     *(extra or [])])
-    train = splits.train if n_train >= len(splits.train) else _subset(splits.train, n_train, args.seed, "train")
+    train = splits.train if n_train >= len(splits.train) else subset(splits.train, n_train, args.seed, "train")
     t0 = time.time()
     trainer = Trainer(cfg, out / "runs" / label, splits=DataSplits(train, splits.test))
     result = trainer.fit()

@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ferkit.config import Config, load_config
-from ferkit.data.base import Subset
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.engine import Trainer
+
+from _common import seconds_per_sample as calibrate
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "dsan", "arm")
@@ -69,15 +69,9 @@ def run_config(suite: str, model: str, args: argparse.Namespace, extra: list[str
 
 
 def seconds_per_sample(suite: str, model: str, splits: DataSplits, args: argparse.Namespace, out: Path) -> float:
-    """One epoch over four batches of the training set (data loading and a small evaluation included)."""
-    cfg = run_config(suite, model, args, ["train.epochs=1"])
-    n = min(len(splits.train), 4 * cfg.train.batch_size)
-    pick = np.sort(np.random.default_rng(args.seed).permutation(len(splits.train))[:n])
-    small = DataSplits(Subset(splits.train, pick, "train"),
-                       Subset(splits.test, np.arange(min(len(splits.test), 64)), "test"))
-    trainer = Trainer(cfg, out / "calibration" / f"{suite}_{model}", splits=small)
-    trainer.fit()
-    return trainer.state.history[-1]["time_s"] / n
+    """Warm-epoch calibration over eight batches of the training set (see ``_common.seconds_per_sample``)."""
+    cfg = run_config(suite, model, args, [])
+    return calibrate(cfg, splits, out / "calibration" / f"{suite}_{model}", 8 * cfg.train.batch_size, 64, args.seed)
 
 
 def budget_epochs(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> int:

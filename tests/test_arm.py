@@ -155,9 +155,12 @@ def test_official_checkpoint_mismatches_are_reported(tmp_path):
 def test_imagenet_trunk_file_leaves_arm_fresh(tmp_path):
     tv = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(tv, tmp_path / "resnet18-imagenet.pth")
-    m = create_model("arm", num_classes=7, pretrained=tmp_path / "resnet18-imagenet.pth")
-    assert not m.key_report.missing and not m.key_report.unexpected
-    assert set(m.key_report.new_classifier) == {"fc.weight", "fc.bias"}
+    m = create_model("arm", num_classes=7, pretrained=tmp_path / "resnet18-imagenet.pth")  # strict, and it loads
+    r = m.key_report
+    assert not r.unexpected and r.missing == r.kept_fresh  # ARM's keys are reported missing, as fresh by design
+    assert set(r.missing) == {k for k in m.state_dict() if k.startswith("arm.") and "num_batches" not in k}
+    assert not r.clean and r.acceptable
+    assert set(r.new_classifier) == {"fc.weight", "fc.bias"}
     torch.testing.assert_close(m.features[0].weight, tv["conv1.weight"])
 
 

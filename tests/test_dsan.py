@@ -195,7 +195,10 @@ def test_trunk_file_and_class_count_change(tmp_path):
     tv = torchvision.models.resnet18(weights=None).state_dict()
     torch.save({"state_dict": tv}, tmp_path / "resnet18_msceleb.pth")  # DAN's MS-Celeb layout
     m = create_model("dsan", num_classes=7, pretrained=tmp_path / "resnet18_msceleb.pth")
-    assert not m.key_report.missing and not m.key_report.unexpected
+    r = m.key_report
+    assert not r.unexpected and r.missing == r.kept_fresh  # both streams: missing, fresh by design, strict load passes
+    assert {k.split(".")[0] for k in r.missing} == {"gfe_an", "mff_an"}
+    assert not set(r.missing) & set(r.new_classifier)
     assert set(m.key_report.new_classifier) == {"gfe_an.fc.weight", "gfe_an.fc.bias", "mff_an.fc.weight",
                                                 "mff_an.fc.bias"}
     torch.testing.assert_close(m.features[7][1].conv2.weight, tv["layer4.1.conv2.weight"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -177,6 +179,18 @@ def test_detectors_on_real_photos(real_data_root):
         assert hits == len(files[::10]), backend
 
 
+def test_missing_or_wrong_mediapipe_says_how_to_install(monkeypatch):
+    from ferkit.inference.faces import FaceBackendError
+
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # `import mediapipe` raises ImportError
+    with pytest.raises(FaceBackendError, match=r'pip install -e "\.\[faces\]"') as missing:
+        make_detector("mediapipe")
+    assert "numpy<2" in str(missing.value) and "--detector haar" in str(missing.value)
+    monkeypatch.setitem(sys.modules, "mediapipe", types.SimpleNamespace(__version__="1.2.2"))  # no solutions API
+    with pytest.raises(FaceBackendError, match="mediapipe 1.2.2 has no face solutions.*0.10.21"):
+        make_detector("mediapipe")
+
+
 # ------------------------------------------------------------------------------------------------------ predictor
 def test_predictor_on_crops_is_batch_invariant(ckpt):
     faces = [s["image"] for s in synthetic_faces(5, size=48)]
@@ -189,6 +203,23 @@ def test_predictor_on_crops_is_batch_invariant(ckpt):
         np.testing.assert_allclose(list(x.probs.values()), list(y.probs.values()), atol=1e-5)
         assert sum(x.probs.values()) == pytest.approx(1, abs=1e-5)
     np.testing.assert_allclose(one.predict_images(faces), [list(p.probs.values()) for p in a], atol=1e-6)
+
+
+def test_predictor_runs_conv_nets_channels_last_with_unchanged_answers(ckpt, tmp_path):
+    from ferkit.inference.predictor import load_checkpoint_model
+
+    pred = Predictor.from_checkpoint(ckpt)
+    assert pred.memory_format == torch.channels_last
+    faces = [s["image"] for s in synthetic_faces(3, size=48)]
+    batch = torch.stack([pred.preprocess(im) for im in faces])
+    reference, _ = load_checkpoint_model(ckpt)  # NCHW, autograd on: the plain PyTorch answer
+    expected = reference(batch).softmax(1).detach().numpy()
+    np.testing.assert_allclose(pred.predict_images(faces), expected, atol=1e-5)
+    # one path, as a user's loop passes it, is one input (not a sequence of characters)
+    faces[0].save(tmp_path / "one.png")
+    (single,) = pred.predict(str(tmp_path / "one.png"))
+    np.testing.assert_allclose(list(single[0].probs.values()), expected[0], atol=1e-5)
+    assert [len(r) for r in pred.predict([tmp_path / "one.png", faces[1]])] == [1, 1]
 
 
 def test_predictor_detects_and_reports_every_bad_input(ckpt, photo_dir, tmp_path):

@@ -59,6 +59,33 @@ def test_torchvision_and_msceleb_trunk_files(tmp_path):
     torch.testing.assert_close(m2.features[4][0].conv1.weight, tv["layer1.0.conv1.weight"])
 
 
+def test_trunk_file_reports_the_fresh_head_as_missing(tmp_path):
+    """A trunk-only file into a model with a head of its own (layers.resnet.trunk_checkpoint_filter): the head keys
+    are reported as missing (``kept_fresh``: absent by design) and keep their initialisation; the strict load passes,
+    but a trunk key missing from the file still fails it."""
+    tv = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(tv, tmp_path / "trunk.pth")
+    torch.manual_seed(0)
+    fresh = create_model("arm", num_classes=7).state_dict()
+    torch.manual_seed(0)
+    m = create_model("arm", num_classes=7, pretrained=tmp_path / "trunk.pth")
+    r = m.key_report
+    head = [k for k in m.state_dict() if k.startswith("arm.") and not k.endswith("num_batches_tracked")]
+    assert r.missing == r.kept_fresh == head and not r.unexpected and not r.shape_mismatch
+    assert not r.clean and r.acceptable
+    assert any("by design" in line and "arm.alpha" in line for line in r.lines())
+    for k in head:
+        torch.testing.assert_close(m.state_dict()[k], fresh[k])
+    torch.testing.assert_close(m.features[0].weight, tv["conv1.weight"])
+
+    del tv["layer1.0.conv1.weight"]
+    torch.save(tv, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): features\.4\.0\.conv1\.weight"):
+        create_model("arm", num_classes=7, pretrained=tmp_path / "partial.pth")
+    r = create_model("arm", num_classes=7, pretrained=tmp_path / "partial.pth", strict=False).key_report
+    assert r.missing == ["features.4.0.conv1.weight", *head] and r.kept_fresh == head and not r.acceptable
+
+
 def test_mismatches_are_reported_not_dropped(tmp_path):
     state = create_model("resnet18", num_classes=7).state_dict()
     state["extra.weight"] = torch.zeros(3)

@@ -129,11 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _strip_run_meta(run_dir: Path, overrides: list[str]) -> dict:
     """A run's saved config carries a ``_run`` block (commit, classes); resume reads the rest as a config."""
-    import yaml
+    from ferkit.config import _merge, _read_yaml, parse_overrides
 
-    from ferkit.config import _merge, parse_overrides
-
-    data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    data = _read_yaml(run_dir / "config.yaml")  # one-line ConfigError for a damaged file
     data.pop("_run", None)
     return _merge(data, parse_overrides(overrides)) if overrides else data
 

@@ -68,6 +68,7 @@ class DataConfig:
     depth_mean: float = 0.5  # depth maps in [0, 1]; RGB-D protocols set per-fold statistics of the training part
     depth_std: float = 0.25
     skip_bad: bool = False
+    decode_cache: bool = False  # decode same-size image sets once into a memory map under $FERKIT_CACHE/decoded
     num_workers: int = 0
     persistent_workers: bool = False
     sampler: Literal["random", "class_balanced", "mrr"] = "random"
@@ -160,13 +161,41 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    raise _DuplicateKey(key_node.value, first[key_node.value], line)
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    from ferkit.data.base import text_problem
+
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(text_problem(path) or f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    if "\x00" in text:  # valid UTF-8, but UTF-16 without a byte-order mark
+        raise ConfigError(text_problem(path) or f"{path}: NUL byte in text")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.again}: duplicate key {e.key!r} (first given at line {e.first})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -341,6 +370,8 @@ def _check_values(cfg: Config) -> None:
     need((d.mean is None) == (d.std is None), "data.std", "mean and std must be given together", d.std)
     need(d.std is None or all(s > 0 for s in d.std), "data.std", "must be > 0", d.std)
     need(d.depth_std > 0, "data.depth_std", "must be > 0", d.depth_std)
+    need(not (d.decode_cache and d.dataset == "synthetic"), "data.decode_cache",
+         "is for image-file datasets (the synthetic set has a cache of its own)", d.decode_cache)
 
     from ferkit.data.build import known_datasets
     need(d.dataset in known_datasets(), "data.dataset", f"unknown dataset (known: {', '.join(known_datasets())})",

@@ -12,6 +12,12 @@ All of that goes through one helper, :class:`BadEntries`. Entries that a dataset
 ties / unknown / not-a-face, AffectNet none / uncertain / no-face / contempt in the 7-class variant) are not errors:
 they are counted per reason in ``dataset.dropped``.
 
+List and CSV files must be UTF-8 (a BOM is fine); another encoding (UTF-16, latin-1 bytes), NUL bytes or an empty
+file is an error naming the file and line, whatever ``skip_bad`` says. An image listed twice (RAF-DB list, AffectNet
+CSV, FERPlus image names) is a bad entry naming both lines; repeats in the RAF-DB pose lists are harmless, an
+occlusion type given twice differently is not. FER2013's CSV rows are entries by position: its known duplicate
+pictures are part of the published protocol and kept.
+
 Existence (and non-emptiness) of every image file is checked when the index is built; whether it decodes is checked
 then too when ``skip_bad=True`` (so bad images can be skipped), otherwise lazily by ``load()``, which raises a
 :class:`DataError` naming the file.
@@ -34,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 import numpy as np
 
 from ..labels import LABEL_SPACES, canonical_name
-from .base import DataError, FaceDataset, FaceRecord, open_image, resolve_inside
+from .base import DataError, FaceDataset, FaceRecord, open_image, resolve_inside, text_problem
 
 __all__ = [
     "ADAPTERS", "AdapterDataset", "BadEntries", "build_dataset", "known_datasets",
@@ -112,13 +118,14 @@ class AdapterDataset(FaceDataset):
         self.crop_face = crop_face
         self._subset_flags = dict(subset_flags or {})  # subset name -> boolean meta key
         self.sample_keys = tuple(sample_keys)  # meta keys copied into every loaded sample
+        self.decoded = None  # a cache.DecodedImages serving the images (data.decode_cache), None: decode files
 
     def subsets(self) -> dict[str, np.ndarray]:
         return {name: self.meta_column(key, False).astype(bool) for name, key in self._subset_flags.items()}
 
     def load(self, index: int) -> dict[str, Any]:
         r = self.records[index]
-        sample: dict[str, Any] = {"image": self._image(r), "label": r.label, "index": index}
+        sample: dict[str, Any] = {"image": self._image(r, index), "label": r.label, "index": index}
         if r.subject is not None:
             sample["subject"] = r.subject
         for key in self.sample_keys:
@@ -131,12 +138,12 @@ class AdapterDataset(FaceDataset):
             sample["landmarks"] = landmarks
         return sample
 
-    def _image(self, r: FaceRecord):
+    def _image(self, r: FaceRecord, index: int):
         from PIL import Image
 
         if r.path is None:
             return Image.fromarray(self.pixels[r.meta["pixel_row"]], mode="L").convert("RGB")
-        image = open_image(r.path, r.source)
+        image = self.decoded.image(index) if self.decoded is not None else open_image(r.path, r.source)
         if self.crop_face and "face_box" in r.meta:
             x, y, w, h = r.meta["face_box"]
             image = image.crop((max(0, x), max(0, y), min(image.width, x + w), min(image.height, y + h)))
@@ -271,8 +278,10 @@ def _csv_rows(path: Path, required: Sequence[str], bad: BadEntries) -> Iterator[
     """Data rows of a CSV file as ``(row_index, "<path>:<line>", {column: value})``.
 
     ``row_index`` counts every non-blank data row (also malformed ones), so rows stay aligned with a parallel file
-    (FERPlus over FER2013). A row with the wrong number of fields is a bad entry.
+    (FERPlus over FER2013). A row with the wrong number of fields is a bad entry; an empty file or one that is not
+    UTF-8 is an error naming the file (and line).
     """
+    _require_content(path)
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
@@ -290,17 +299,45 @@ def _csv_rows(path: Path, required: Sequence[str], bad: BadEntries) -> Iterator[
                     bad.report(source, f"malformed line: {len(fields)} fields, expected {len(header)}")
                     continue
                 yield index, source, dict(zip(header, fields))
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{path}:{reader.line_num + 1}: malformed CSV ({e.__class__.__name__}: {e})") from None
+        except UnicodeDecodeError:
+            raise DataError(text_problem(path) or f"{path}: not UTF-8 text") from None
+        except csv.Error as e:
+            problem = text_problem(path) if "NUL" in str(e) else None
+            raise DataError(problem or f"{path}:{reader.line_num + 1}: malformed CSV ({e})") from None
 
 
 def _text_lines(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """Non-blank lines of a whitespace-separated list file as ``("<path>:<line>", fields)``."""
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            fields = line.split()
-            if fields:
-                yield f"{path}:{lineno}", fields
+    """Non-blank lines of a whitespace-separated list file as ``("<path>:<line>", fields)``; an empty file or one
+    that is not UTF-8 text is an error naming the file (and line)."""
+    _require_content(path)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if "\x00" in line:
+                    raise DataError(text_problem(path) or f"{path}:{lineno}: NUL byte in text")
+                fields = line.split()
+                if fields:
+                    yield f"{path}:{lineno}", fields
+    except UnicodeDecodeError:
+        raise DataError(text_problem(path) or f"{path}: not UTF-8 text") from None
+
+
+def _require_content(path: Path) -> None:
+    if path.stat().st_size == 0:
+        _fail(str(path), "empty file (0 bytes)")
+
+
+class _FirstSeen:
+    """Where each key of a list file was first seen: a repeat is a bad entry naming both lines."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.first: dict[str, str] = {}
+
+    def check(self, key: str, source: str) -> None:
+        if key in self.first:
+            _fail(source, f"duplicate {self.what} {key!r} (first on line {self.first[key].rpartition(':')[2]})")
+        self.first[key] = source
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -700,6 +737,7 @@ def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv:
                      else _fer2013_csv_path(root))
     bad, dropped = BadEntries(skip_bad), Counter()
     wanted: dict[int, FaceRecord] = {}
+    seen = _FirstSeen("image name")
     for row_index, source, row in _csv_rows(labels_path, ("Usage", "Image name", *_FERPLUS_VOTES), bad):
         with bad.entry():
             if row["Usage"].strip() != usage:
@@ -713,6 +751,7 @@ def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv:
             if reason:
                 dropped[reason] += 1
                 continue
+            seen.check(row["Image name"].strip(), source)
             meta = {"soft_label": soft, "usage": usage, "row": row_index, "image_name": row["Image name"].strip()}
             wanted[row_index] = FaceRecord(path=None, label=label, source=source, meta=meta)
     common = dict(dropped=dict(dropped), sample_keys=("soft_label",))
@@ -766,8 +805,11 @@ def _raf_entry(fields: list[str], source: str) -> tuple[str, int]:
 
 def _raf_flags(records: list[FaceRecord], all_stems: set[str], bad: BadEntries, lists: Mapping[str, Path | None],
                list_file: Path) -> dict[str, str]:
-    """Mark records listed in the occlusion / pose lists; returns {subset name: meta flag} for the lists given."""
+    """Mark records listed in the occlusion / pose lists; returns {subset name: meta flag} for the lists given.
+
+    A name listed twice is harmless (membership), unless the occlusion list gives it two different types."""
     by_stem = {r.meta["stem"]: r for r in records}
+    occlusion_first: dict[str, tuple[str, int]] = {}  # stem -> (source, type) of its first occlusion line
     given = {kind: path for kind, path in lists.items() if path is not None}
     for r in records:
         r.meta.update({_RAF_LISTS[kind][1]: False for kind in given})
@@ -787,6 +829,10 @@ def _raf_flags(records: list[FaceRecord], all_stems: set[str], bad: BadEntries, 
                                       "(expected '<name> <0-based label> <occlusion type>')")
                     label = _check_range(_int_field(fields[1], source, "label"), 0, 6, source)
                     occ_type = _int_field(fields[2], source, "occlusion type")
+                    first, first_type = occlusion_first.setdefault(stem, (source, occ_type))
+                    if first_type != occ_type:
+                        _fail(source, f"occlusion type {occ_type} of {fields[0]!r} disagrees with line "
+                                      f"{first.rpartition(':')[2]} (type {first_type})")
                     if record is not None and label != record.label:
                         _fail(source, f"label {label} (0-based) disagrees with {record.source} "
                                       f"(label {record.label + 1}, 1-based)")
@@ -819,12 +865,14 @@ def rafdb(root: str | Path, split: str, *, skip_bad: bool = False, list_file: st
     bad = BadEntries(skip_bad)
     records: list[FaceRecord] = []
     all_stems: set[str] = set()
+    seen = _FirstSeen("image")
     for source, fields in _text_lines(labels_path):
         with bad.entry():
             name, label = _raf_entry(fields, source)
             rel = _raf_aligned_name(name) if aligned else name
             path = resolve_inside(image_dir, rel, source)  # rejects ../ and absolute names in the list (and links)
             stem = _raf_stem(name)
+            seen.check(stem, source)
             entry_split = stem.split("_", 1)[0].lower()
             if entry_split not in _RAF_SPLITS:
                 _fail(source, f"cannot tell the split of {name!r} (names start with train_ or test_)")
@@ -894,8 +942,10 @@ def _affectnet_from_csv(root: Path, split: str, bad: BadEntries, dropped: Counte
               next((d for d in (root / "Manually_Annotated_Images",
                                 root / "Manually_Annotated" / "Manually_Annotated_Images") if d.is_dir()), root))
     records = []
+    seen = _FirstSeen("image")
     for _, source, row in _csv_rows(csv_path, _AFFECTNET_COLUMNS, bad):
         with bad.entry():
+            seen.check(row["subDirectory_filePath"].strip(), source)
             label = _affectnet_label(_int_field(row["expression"], source, "expression"), num_classes, source,
                                      dropped)
             if label is not None:

@@ -12,14 +12,16 @@ through a train and an eval pipeline, or through weak and strong pipelines at on
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
 
-__all__ = ["DataError", "FaceRecord", "FaceDataset", "TransformView", "Subset", "resolve_inside", "open_image"]
+__all__ = ["DataError", "FaceRecord", "FaceDataset", "TransformView", "Subset", "resolve_inside", "open_image",
+           "to_mode", "ImageTooLarge", "MAX_PIXELS", "text_problem"]
 
 
 class DataError(ValueError):
@@ -44,33 +46,105 @@ def resolve_inside(root: Path, rel: str, source: str) -> Path:
     return p
 
 
-def open_image(path: str | Path, source: str = "", mode: str = "RGB", max_side: int = 4096):
-    """Open an image fully (so truncated files fail here, not later), convert it and bound its size.
+# byte-order marks of encodings that are not UTF-8 (UTF-32 LE first: it starts with UTF-16 LE's)
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+         (codecs.BOM_UTF16_BE, "UTF-16"))
 
-    Huge images are downscaled while decoding (``draft`` for JPEG, then ``thumbnail``) so memory stays bounded.
+
+def text_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not usable UTF-8 text, as one line ``"<path>[:<line>]: ..."``; None when it is.
+
+    Called when reading a config or list file failed to decode: it names the encoding (byte-order mark) or the
+    first line holding a byte that is not UTF-8 (latin-1 / cp1252 exports) or a NUL (UTF-16 without a mark).
     """
-    from PIL import Image, UnidentifiedImageError
+    with open(path, "rb") as f:
+        head = f.read(4)
+        for bom, name in _BOMS:
+            if head.startswith(bom):
+                return f"{path}: {name} text; save the file as UTF-8"
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):  # a newline byte is never part of a multi-byte UTF-8 character
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8")
+            if b"\x00" in line:
+                return (f"{path}:{lineno}: NUL byte in text (UTF-16 without a byte-order mark?); "
+                        "save the file as UTF-8")
+    return None
+
+
+# decoded pixels above this are refused before decoding (decompression bombs); JPEGs count after draft reduction
+MAX_PIXELS = 64_000_000
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageTooLarge(DataError):
+    """An image whose decoded size is over the pixel limit (a decompression bomb, or simply too big)."""
+
+
+def open_image(path: str | Path | BinaryIO, source: str = "", mode: str = "RGB", max_side: int | None = 4096,
+               max_pixels: int = MAX_PIXELS, formats: Sequence[str] | None = None):
+    """The one image decoder (datasets, ``ferkit predict``, ``ferkit serve``): a file path or binary file object
+    -> an 8-bit ``mode`` image (:func:`to_mode`), decoded fully so that truncated files fail here.
+
+    Memory stays bounded: a JPEG whose long side is over ``max_side`` is decoded reduced (``draft``), then every
+    image is downscaled to ``max_side`` (``thumbnail``; ``None``: never); an image that would still decode to more
+    than ``max_pixels`` pixels is refused with :class:`ImageTooLarge` before decoding. Animations give their first
+    frame. Any failure is a one-line :class:`DataError` naming ``source`` (default: the path).
+    """
+    from PIL import Image
 
     where = source or str(path)
     try:
-        with Image.open(path) as im:
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)  # animated GIF / multi-page TIFF: the first frame
-            if max(im.size) > max_side:
-                im.draft(mode if mode in ("RGB", "L") else None, (max_side, max_side))
+        with Image.open(path, formats=formats) as im:
+            if max_side and max(im.size) > max_side:
+                im.draft(mode if mode in ("RGB", "L") else None, _fit(im.size, max_side))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageTooLarge(f"{where}: picture is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is "
+                                    f"{max_pixels / 1e6:.1f} MP (refused undecoded)")
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                rng = float(arr.max() - arr.min()) or 1.0
-                im = Image.fromarray(((arr - arr.min()) * (255.0 / rng)).astype(np.uint8))
-            out = im.convert(mode) if mode else im.copy()
+            out = to_mode(im, mode)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{where}: unreadable image {path} ({e.__class__.__name__}: {e})") from None
-    if max(out.size) > max_side:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{where}: refused as a possible decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001  on corrupt data PIL raises OSError, SyntaxError, struct.error ...
+        shown = f" {path}" if source and isinstance(path, (str, Path)) and source != str(path) else ""
+        raise DataError(f"{where}: unreadable image{shown} ({e.__class__.__name__}: {e})") from None
+    if max_side and max(out.size) > max_side:
         out.thumbnail((max_side, max_side))
     return out
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled so that its long side is ``max_side`` (aspect kept: ``draft`` then reduces both sides)."""
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def to_mode(image, mode: str = "RGB"):
+    """A decoded PIL image -> 8-bit ``mode`` ("RGB", "L"; empty: keep the mode but for 16-bit and alpha).
+
+    16-bit grey is scaled to 8 bits (value / 257; PIL's own conversion clips everything over 255 to white);
+    transparent pixels (alpha, palette or colour-key transparency) are composited over white rather than showing
+    whatever colour the file stores under them; CMYK, palette, 1-bit and the rest are PIL conversions.
+    """
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT:
+        arr = np.asarray(image).astype(np.float64)
+        if image.mode != "I" or arr.max(initial=0) > 255:  # mode "I" holding 8-bit values stays as it is
+            arr = np.clip(arr, 0, 65535) / 257.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert(mode) if mode else image.copy()
 
 
 class FaceDataset(Dataset):

@@ -47,10 +47,16 @@ def build_dataset(d: DataConfig, split: str, progress: bool = False) -> FaceData
     from .rgbd import RGBD_ADAPTERS, build_rgbd_dataset
 
     if d.dataset in RGBD_ADAPTERS:  # RGB-D sets of seed 002 (BU-3DFE, Bosphorus, CalD3rMenD3s, merged)
-        return build_rgbd_dataset(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
-    if d.root is None:
+        ds = build_rgbd_dataset(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
+    elif d.root is None:
         raise ValueError(f"data.root: dataset {d.dataset!r} needs a root directory")
-    return build_adapter(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
+    else:
+        ds = build_adapter(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
+    if d.decode_cache:
+        from .cache import attach_decode_cache
+
+        attach_decode_cache(ds, cache_dir() / "decoded", progress=progress)
+    return ds
 
 
 @dataclass

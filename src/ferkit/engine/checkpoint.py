@@ -15,13 +15,14 @@ import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "save_weights", "load_weights", "read_metadata",
+__all__ = ["CheckpointError", "STALE_TEMP_S", "atomic_write_bytes", "save_weights", "load_weights", "read_metadata",
            "save_state", "load_state", "capture_rng", "restore_rng"]
 
 
@@ -29,12 +30,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# a temporary file of an atomic write untouched this long is a leftover of a killed process
+STALE_TEMP_S = 600.0
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over it: a crash or a full disk leaves
-    the previous file intact and no partial file behind."""
+    """Write ``data`` to a temporary file beside ``path`` (``.<name>.<random>.tmp``), fsync, then rename over it:
+    a crash or a full disk leaves the previous file intact and no partial file at ``path``. A process killed
+    mid-write leaves its temporary file; the next write of ``path`` removes those older than ``STALE_TEMP_S``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
@@ -51,6 +58,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files of earlier, killed writes of ``path`` (recent ones may be another writer's)."""
+    prefix, now = f".{path.name}.", time.time()
+    for p in path.parent.iterdir():
+        if p.name.startswith(prefix) and p.name.endswith(".tmp"):
+            try:
+                if now - p.stat().st_mtime > STALE_TEMP_S:
+                    p.unlink()
+            except OSError:
+                pass  # gone meanwhile, or not ours to delete: the write itself will say if the folder is unusable
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from .distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, 
 from .evaluate import Predictions, evaluate_predictions, predict_loader
 from .optim import build_optimizer, build_scheduler, scheduler_steps_per_batch
 
-__all__ = ["Trainer", "TrainingError", "StepContext", "seed_everything", "resolve_device", "input_spec"]
+__all__ = ["Trainer", "TrainingError", "StepContext", "seed_everything", "resolve_device", "input_spec",
+           "check_writable"]
 
 _logger = logging.getLogger("ferkit")
 
@@ -58,6 +60,19 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"train.device: {name} requested but CUDA is not available")
     return torch.device(name)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write (then remove) a small file in it, or raise a one-line :class:`TrainingError`
+    naming the folder: a read-only, full or forbidden output directory is found before training starts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir) as f:
+            f.write(b"ferkit write probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: output directory is not writable ({e.strerror or e})") from None
 
 
 def input_spec(cfg: Config) -> dict[str, Any]:
@@ -129,6 +144,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if self.dist.is_main:
+            check_writable(self.run_dir)  # before any data or model work: fail in seconds, not after an epoch
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)

@@ -122,12 +122,23 @@ def _downscale_for_search(arr: np.ndarray, max_side: int = _DETECT_MAX_SIDE) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------- MediaPipe
+MEDIAPIPE_INSTALL = (
+    "install the faces extra in the same pip command as every other extra you use, e.g. "
+    "`pip install -e \".[faces]\"` or `pip install -e \".[test,all,faces]\"`: MediaPipe 0.10.21 (the last release "
+    "with the face detection / mesh solutions) needs numpy<2 and protobuf<5, so pip then picks versions of numpy, "
+    "protobuf, opencv, onnx and tensorboard that all fit it (added to an environment built without it, it "
+    "downgrades numpy and protobuf under packages that need newer ones); or use --detector haar")
+
+
 def _import_mediapipe():
     try:
         import mediapipe as mp  # noqa: F401  (prints a harmless protobuf notice on import with protobuf >= 5)
-    except ImportError as e:
-        raise FaceBackendError("the mediapipe face backend needs `pip install ferkit[faces]` (mediapipe==0.10.21); "
-                               "or use --detector haar") from e
+    except (ImportError, AttributeError) as e:  # AttributeError: a numpy-1 build imported under numpy 2
+        raise FaceBackendError(f"the mediapipe face backend cannot import mediapipe "
+                               f"({type(e).__name__}: {e}); {MEDIAPIPE_INSTALL}") from e
+    if not hasattr(mp, "solutions"):
+        raise FaceBackendError(f"mediapipe {getattr(mp, '__version__', '?')} has no face solutions (ferkit needs "
+                               f"mediapipe==0.10.21); {MEDIAPIPE_INSTALL}")
     return mp
 
 

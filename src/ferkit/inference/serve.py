@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image
 
+from ferkit.data.base import DataError, ImageTooLarge, open_image
+
 from .predictor import Predictor
 
 __all__ = ["ServeConfig", "RequestError", "PredictService", "make_server", "sniff_image_type", "run_server"]
@@ -118,20 +120,14 @@ class PredictService:
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                f"the upload is {_describe_content(data)}, not an image; accepted: "
                                + ", ".join(f.upper() for f in sorted(_PIL_FORMATS)))
+        # the shared decoder, as for files; no downscaling: the page draws the boxes on the picture as sent
         try:
-            im = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
-            w, h = im.size
-            if w * h > self.config.max_pixels:
-                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"picture is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is "
-                                   f"{self.config.max_pixels / 1e6:.1f} MP")
-            im.load()
-            return im.convert("RGB")
-        except RequestError:
-            raise
-        except Exception as e:  # truncated / corrupt data behind valid magic bytes
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"corrupt {fmt.upper()} image ({e.__class__.__name__}: "
-                                                       f"{str(e)[:200]})") from None
+            return open_image(io.BytesIO(data), "upload", max_side=None, max_pixels=self.config.max_pixels,
+                              formats=[_PIL_FORMATS[fmt]])
+        except ImageTooLarge as e:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e)) from None
+        except DataError as e:  # truncated / corrupt data behind valid magic bytes
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"corrupt {fmt.upper()} image ({str(e)[:300]})") from None
 
     def predict(self, image: Image.Image) -> dict[str, Any]:
         start = time.perf_counter()

@@ -71,16 +71,17 @@ def trunk_checkpoint_filter(state: dict, model: nn.Module, classifier: tuple[str
     """``checkpoint_filter_fn`` body for models made of this trunk (``features.*``) plus a head of their own.
 
     A ferkit checkpoint (keys under ``features.``) passes through. A torchvision / MS-Celeb trunk file is mapped onto
-    ``features.*`` with its own classifier dropped, and the model's head keys outside ``classifier`` keep their fresh
-    initialisation (logged by name), so a strict load succeeds and the loader reports the classifier as new.
+    ``features.*`` with its own classifier dropped; the model's head keys outside ``classifier`` are declared fresh
+    (a :class:`~ferkit.models.registry.FilteredState`), so the loader reports them as missing (``kept_fresh``) and a
+    strict load still succeeds, and the classifier as new.
     """
+    from ferkit.models.registry import FilteredState  # here: ferkit.models imports this package
+
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if any(k.startswith("features.") for k in state):
         return state
     state = drop_source_classifier(torchvision_resnet_to_trunk(state))
-    fresh = {k: v for k, v in model.state_dict().items() if not k.startswith("features.")
-             and not any(k == c or k.startswith(c + ".") for c in classifier)}
-    if fresh:
-        _logger.info("trunk-only file: head keys keep their fresh initialisation: %s", ", ".join(fresh))
-    return {**state, **fresh}
+    fresh = [k for k in model.state_dict() if not k.startswith("features.")
+             and not any(k == c or k.startswith(c + ".") for c in classifier)]
+    return FilteredState(state, fresh=fresh)

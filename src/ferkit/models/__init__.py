@@ -6,12 +6,12 @@ features, for t-SNE) and ``num_classes``. RGB-D models take ``depth=`` as a keyw
 import importlib
 import pkgutil
 
-from .registry import (CheckpointMismatchError, KeyReport, ModelInfo, create_model, list_models, load_filtered_state,
-                       load_state_file, model_info, register_model)
+from .registry import (CheckpointMismatchError, FilteredState, KeyReport, ModelInfo, create_model, list_models,
+                       load_filtered_state, load_state_file, model_info, register_model)
 
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _m != "registry" and not _m.startswith("_"):
         importlib.import_module(f"{__name__}.{_m}")
 
-__all__ = ["create_model", "list_models", "model_info", "register_model", "ModelInfo", "KeyReport",
+__all__ = ["create_model", "list_models", "model_info", "register_model", "ModelInfo", "KeyReport", "FilteredState",
            "load_state_file", "load_filtered_state", "CheckpointMismatchError"]

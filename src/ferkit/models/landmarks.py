@@ -90,19 +90,23 @@ def landmark_nme(pred: torch.Tensor, points: torch.Tensor, size: int) -> torch.T
 
 class FolderLandmarks(FaceDataset):
     """Face crops in a folder, labelled with 68 landmarks by ``detect68(PIL image) -> (68, 2) | None`` (MediaPipe
-    face mesh subset). Detection runs once here; images without a face are listed in ``skipped``."""
+    face mesh subset). Detection runs once here; images without a face (or that do not decode) are listed in
+    ``skipped``."""
 
     name = "folder_landmarks"
 
     def __init__(self, folder: str | Path, detect68: Callable[[Any], np.ndarray | None]):
-        from PIL import Image
-
+        from ferkit.data.base import DataError, open_image
         from ferkit.inference.predictor import iter_image_files
 
         records, skipped = [], []
         for path in iter_image_files([folder]):
-            with Image.open(path) as im:
-                points = detect68(im.convert("RGB"))
+            try:
+                image = open_image(path)
+            except DataError as e:
+                skipped.append(str(e))
+                continue
+            points = detect68(image)
             if points is None:
                 skipped.append(f"{path}: no face found")
                 continue
@@ -112,11 +116,10 @@ class FolderLandmarks(FaceDataset):
         super().__init__(records, ["face"], split="train", root=folder, skipped=skipped)
 
     def load(self, index: int) -> dict[str, Any]:
-        from PIL import Image
+        from ferkit.data.base import open_image
 
         r = self.records[index]
-        with Image.open(r.path) as im:
-            image = im.convert("RGB")
+        image = open_image(r.path, r.source)  # decoded as in __init__, so the landmarks fit
         return {"image": image, "landmarks": r.meta["landmarks"].copy(), "label": 0, "index": index}
 
 

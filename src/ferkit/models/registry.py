@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ModelInfo", "KeyReport", "register_model", "create_model", "list_models", "model_info",
+    "ModelInfo", "KeyReport", "FilteredState", "register_model", "create_model", "list_models", "model_info",
     "load_state_file", "load_filtered_state", "CheckpointMismatchError",
 ]
 
@@ -85,15 +85,28 @@ class KeyReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     new_classifier: list[str] = field(default_factory=list)  # re-initialised head keys
+    # the part of ``missing`` the filter declared absent by design (:class:`FilteredState`, e.g. the head of a model
+    # loaded from a trunk-only file): still missing, left at their fresh initialisation, accepted by a strict load
+    kept_fresh: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
+        """Every model key came from the file and every file key was used (a re-initialised classifier aside)."""
         return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    @property
+    def acceptable(self) -> bool:
+        """What a strict load requires: clean, except for missing keys declared ``kept_fresh``."""
+        return not (self.unexpected or self.shape_mismatch or set(self.missing) - set(self.kept_fresh))
 
     def lines(self) -> list[str]:
         out = []
-        if self.missing:
-            out.append(f"missing keys ({len(self.missing)}): {', '.join(self.missing)}")
+        unplanned = [k for k in self.missing if k not in self.kept_fresh]
+        if unplanned:
+            out.append(f"missing keys ({len(unplanned)}): {', '.join(unplanned)}")
+        if self.kept_fresh:
+            out.append(f"missing keys absent from this kind of file by design, freshly initialised "
+                       f"({len(self.kept_fresh)}): {', '.join(self.kept_fresh)}")
         if self.unexpected:
             out.append(f"unexpected keys ({len(self.unexpected)}): {', '.join(self.unexpected)}")
         for k, got, want in self.shape_mismatch:
@@ -108,6 +121,16 @@ class KeyReport:
 
 class CheckpointMismatchError(RuntimeError):
     pass
+
+
+class FilteredState(dict):
+    """What a ``checkpoint_filter_fn`` returns when it knows the file lacks part of the model by design (a trunk-only
+    file has no head): the state, plus ``fresh``, the model keys that keep their fresh initialisation. The loader
+    reports them as missing (and in ``KeyReport.kept_fresh``) instead of failing a strict load on them."""
+
+    def __init__(self, state: dict[str, torch.Tensor], fresh: list[str] | tuple[str, ...] = ()):
+        super().__init__(state)
+        self.fresh = list(fresh)
 
 
 def load_state_file(path: str | Path) -> dict[str, Any]:
@@ -130,10 +153,12 @@ def load_filtered_state(model: nn.Module, state: dict[str, torch.Tensor], *, str
                         classifier: str | tuple[str, ...] | None = None, source: str = "checkpoint") -> KeyReport:
     """Load ``state`` into ``model`` and report every key that did not match.
 
-    A classifier whose shape differs is the one automatic relaxation (re-initialised, reported). Any other mismatch
-    raises in strict mode; otherwise the matching keys load and the rest are reported.
+    A classifier whose shape differs is the one automatic relaxation (re-initialised, reported). Missing keys that a
+    :class:`FilteredState` declares ``fresh`` are reported as missing but do not fail a strict load. Any other
+    mismatch raises in strict mode; otherwise the matching keys load and the rest are reported.
     """
     own = model.state_dict()
+    declared_fresh = set(getattr(state, "fresh", ()))
     report = KeyReport()
     to_load = {}
     for k, v in state.items():
@@ -153,7 +178,9 @@ def load_filtered_state(model: nn.Module, state: dict[str, torch.Tensor], *, str
             report.new_classifier.append(k)  # absent from the file (a trunk-only checkpoint): freshly initialised
         else:
             report.missing.append(k)
-    if strict and not report.clean:
+            if k in declared_fresh:
+                report.kept_fresh.append(k)
+    if strict and not report.acceptable:
         raise CheckpointMismatchError(f"{source}: " + "; ".join(report.lines()))
     model.load_state_dict(to_load, strict=False)
     for line in report.lines():
