@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sets and models (smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override for every protocol run (e.g. train.accum_steps=1 on a small CPU budget)")
     args = p.parse_args(argv)
     if args.quick:
         args.render_subjects, args.per_subject, args.subjects = 8, 21, 6
@@ -117,7 +119,7 @@ def protocol_config(args: argparse.Namespace, model_kwargs: dict, epochs: int, n
              "train.batch_size=8", "train.accum_steps=1"] if args.quick else []
     ov = [f"name={name}", f"seed={args.seed}", f"data.input_size={s}", f"model.kwargs.img_size={s}",
           f"train.epochs={epochs}", f"train.device={args.device}", f"train.threads={args.threads}",
-          "train.progress=false", "train.tensorboard=false", *small]
+          "train.progress=false", "train.tensorboard=false", *small, *args.set]
     return load_config("rgbd_synthetic", ov + [f"model.kwargs.{k}={v}" for k, v in model_kwargs.items()])
 
 

@@ -68,3 +68,21 @@ def test_nan_loss_stops_with_the_step_or_skips(tmp_path):
         Trainer(cfg, tmp_path / "a", splits=_splits()).fit()
     cfg = _cfg("optim.lr=1e30", "optim.name=sgd", "train.epochs=1", "train.nan_policy=skip")
     Trainer(cfg, tmp_path / "b", splits=_splits()).fit()  # completes, skipping bad batches
+
+
+def test_sam_closure_gradients_are_clipped_like_the_first_pass():
+    """SAM applies the closure's (second-pass) gradients, so train.clip_grad must clip those, not only the first."""
+    from ferkit.engine.trainer import _clipping
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = 100.0 * w.sum()
+        loss.backward()  # gradient norm 200
+        return loss
+
+    loss = _clipping(closure, opt, max_norm=1.0)()
+    assert loss.item() == 400.0
+    assert w.grad.norm().item() == pytest.approx(1.0, rel=1e-5)

@@ -75,6 +75,21 @@ def check_writable(run_dir: Path) -> None:
         raise TrainingError(f"{run_dir}: output directory is not writable ({e.strerror or e})") from None
 
 
+def _clip_gradients(opt: torch.optim.Optimizer, max_norm: float) -> None:
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _clipping(closure: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
+              max_norm: float) -> Callable[[], torch.Tensor]:
+    """``closure`` followed by gradient clipping (SAM's second pass computes the gradients the optimiser applies)."""
+    def clipped() -> torch.Tensor:
+        loss = closure()
+        _clip_gradients(opt, max_norm)
+        return loss
+    return clipped
+
+
 def input_spec(cfg: Config) -> dict[str, Any]:
     """Input size and normalisation the model is trained (and later served) with."""
     info = model_info(cfg.model.name)
@@ -284,15 +299,17 @@ class Trainer:
             raise TrainingError("a closure-based optimiser step (SAM) cannot run under the fp16 GradScaler; "
                                 "set train.amp=bf16 or train.amp=off")
         for name, opt in self.optimizers.items():
+            clip = t.clip_grad > 0 and self.specs[name].clip
             if self.scaler:
                 self.scaler.unscale_(opt)
-            if t.clip_grad > 0 and self.specs[name].clip:
-                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+            if clip:
+                _clip_gradients(opt, t.clip_grad)
             if self.scaler:
                 self.scaler.step(opt)
+            elif closure is not None:  # SAM: the closure's gradients are the ones applied, so clip those too
+                opt.step(_clipping(closure, opt, t.clip_grad) if clip else closure)
             else:
-                opt.step(closure) if closure is not None else opt.step()
+                opt.step()
         if self.scaler:
             self.scaler.update()
         for opt in self.optimizers.values():
