@@ -202,7 +202,10 @@ def tune_rows(args: argparse.Namespace, out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(out / "tune_leg1.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # a script's background job inherits SIGINT ignored (and Python then installs no KeyboardInterrupt
+        # handler): give the child the default disposition so the Ctrl-C below reaches it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while proc.poll() is None and _trials_started(study_dir) <= args.interrupt_after:
             time.sleep(1.0)
         if proc.poll() is None:

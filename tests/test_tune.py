@@ -113,3 +113,12 @@ def test_pruning_reports_every_epoch(tmp_path):
         trainer.fit()
     assert sorted(study.get_trials()[0].intermediate_values) == [1, 2]
     assert trainer.state.epoch == 2  # stopped after the epoch that was pruned, its checkpoint saved
+
+
+def test_a_resumed_study_draws_new_parameters(tmp_path):
+    """A resumed leg must not replay the first leg's suggestions (a re-created sampler with the start seed would)."""
+    run_study("resnet18_synthetic", FIXED, tmp_path, 2, splits=_splits(), pruner="none")
+    study = run_study("resnet18_synthetic", FIXED, tmp_path, 4, splits=_splits(), pruner="none")
+    params = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
+    assert len(params) == 4
+    assert params[2] != params[0] and params[3] != params[1]

@@ -167,8 +167,12 @@ def _open_study(out: Path, name: str, storage: str | None, seed: int, pruner: st
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     rdb = RDBStorage(url, heartbeat_interval=max(1, grace_period // 4), grace_period=grace_period,
                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
-    return optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=_make_pruner(pruner))
+    study = optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=_make_pruner(pruner))
+    earlier = len(study.get_trials(deepcopy=False))
+    if earlier:  # resumed: a sampler seeded as at the start would repeat its first (random start-up) suggestions
+        study.sampler = optuna.samplers.TPESampler(seed=seed + earlier)
+    return study
 
 
 def _finished(study) -> int:
