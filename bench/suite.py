@@ -121,18 +121,19 @@ def inputs(batch: int, size: int, modalities: tuple[str, ...], device: torch.dev
     return x, extra, torch.arange(batch, device=device) % NUM_CLASSES
 
 
-def first_conv_input(model: torch.nn.Module, x: torch.Tensor, extra: dict) -> int | None:
-    """Side of the input the model's first convolution sees (eval, batch 1): tells an internal resize apart."""
-    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+def largest_conv_input(model: torch.nn.Module, x: torch.Tensor, extra: dict) -> int | None:
+    """Largest input side any convolution sees (eval, batch 1): tells an internal resize apart (ARM computes at 224
+    px whatever it is given; POSTER's landmark stream alone runs at 112 px, its image stream at the input size)."""
     seen: list[int] = []
-    hook = conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1])) if conv is not None else None
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     try:
         with torch.inference_mode():
             model.eval()(x[:1], **{k: v[:1] for k, v in extra.items()})
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-    return seen[0] if seen else None
+    return max(seen) if seen else None
 
 
 def train_step_fn(net: Callable, model: torch.nn.Module, x, extra, y, device, amp) -> Callable[[], None]:
@@ -201,7 +202,7 @@ def model_rows(name: str, args: argparse.Namespace, device: torch.device, rows: 
     for size in resolve_sizes(args.sizes, info.input_size[-1]):
         x, extra, y = inputs(args.batch, size, info.modalities, device, args.channels_last)
         try:
-            seen = first_conv_input(model, x, extra)
+            seen = largest_conv_input(model, x, extra)
         except Exception as e:  # noqa: BLE001 - the size does not fit the architecture
             rows("size_check", name, size, args.batch, None, None, skipped=f"cannot take {size} px: {first_line(e)}")
             continue

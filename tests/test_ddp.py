@@ -70,3 +70,34 @@ def test_sam_under_ddp_matches_single_process(tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.timeout(900)
+def test_ddp_run_stopped_after_an_epoch_and_resumed_ends_like_the_uninterrupted_one(tmp_path):
+    """2 processes: a run stopped after epoch 1 and continued with ``--resume`` (still 2 processes) ends with the
+    weights and metrics of the uninterrupted 2-process run: rank 0's checkpoint (weights, optimiser, scheduler,
+    epoch, sampler position) is what every rank restores."""
+    data = write_imagefolder(tmp_path / "data", size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [f"data.root={data}", *COMMON, "model.name=tiny_smooth", "optim.name=adam", "optim.lr=0.001",
+            "optim.scheduler=exponential", "optim.gamma=0.9",  # a schedule that does not depend on train.epochs
+            "train.batch_size=8"]
+
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TINY_CLI,
+               "train", *args]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    torchrun("--run-dir", str(tmp_path / "full"), *base)
+    torchrun("--run-dir", str(tmp_path / "part"), *base, "train.epochs=1")
+    torchrun("--resume", str(tmp_path / "part"), "train.epochs=2")
+    full, part = (load_file(str(tmp_path / run / "checkpoints" / "last.safetensors")) for run in ("full", "part"))
+    for k in full:
+        torch.testing.assert_close(part[k], full[k], rtol=1e-5, atol=1e-6)
+    logs = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("full", "part")]
+    assert [r["epoch"] for r in logs[1]] == [1, 2]
+    for ra, rb in zip(*logs):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6)
+        assert rb["test"]["wa"] == ra["test"]["wa"]
