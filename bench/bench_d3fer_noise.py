@@ -47,6 +47,7 @@ from ferkit.engine.trainer import input_spec
 from ferkit.engine.evaluate import evaluate_predictions, predict_loader
 from ferkit.models import model_info
 
+from _common import budget_epochs
 from _common import fresh_dir
 from _common import seconds_per_sample as warm_seconds_per_sample
 
@@ -119,11 +120,6 @@ def calibrate(dataset: str, method: str, splits: DataSplits, args: argparse.Name
     cfg = run_config(dataset, method, 0.0, 2, 1, args)
     return warm_seconds_per_sample(cfg, splits, out / "calibration" / f"{dataset}_{method}",
                                    8 * cfg.train.batch_size, cfg.train.eval_batch_size, args.seed)
-
-
-def budget_epochs(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> int:
-    per_epoch = sec_per_sample * n_train * 1.05 + 2.0  # + evaluation and checkpoint writes
-    return int(min(args.max_epochs, max(2, math.floor(60 * args.budget_min / per_epoch))))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -238,7 +234,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, out: Path) -> list[dic
             epochs[method] = args.epochs
         else:
             spp = calibrate(dataset, method, splits, args, out)
-            epochs[method] = budget_epochs(spp, n_train, args)
+            epochs[method] = budget_epochs(spp, n_train, args.budget_min, args.max_epochs, min_epochs=2)
             print(json.dumps({"dataset": dataset, "method": method, "calibration_s_per_sample": round(spp, 6),
                               "epochs": epochs[method]}), flush=True)
     rows, feats, cams = [], {}, {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from ferkit.config import Config, load_config
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.engine import Trainer
 
+from _common import budget_epochs
 from _common import seconds_per_sample as calibrate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,11 +72,6 @@ def seconds_per_sample(suite: str, model: str, splits: DataSplits, args: argpars
     """Warm-epoch calibration over eight batches of the training set (see ``_common.seconds_per_sample``)."""
     cfg = run_config(suite, model, args, [])
     return calibrate(cfg, splits, out / "calibration" / f"{suite}_{model}", 8 * cfg.train.batch_size, 64, args.seed)
-
-
-def budget_epochs(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> int:
-    per_epoch = sec_per_sample * n_train * 1.05 + 2.0  # + evaluation and checkpoint writes
-    return int(min(args.max_epochs, max(1, math.floor(60 * args.budget_min / per_epoch))))
 
 
 def train_one(suite: str, model: str, epochs: int, splits: DataSplits, args: argparse.Namespace,
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             splits = build_splits(cfg.data, cfg.seed)  # the presets of one suite share their data
             for model in args.models:
                 epochs = args.epochs or budget_epochs(seconds_per_sample(suite, model, splits, args, out),
-                                                      len(splits.train), args)
+                                                      len(splits.train), args.budget_min, args.max_epochs)
                 row = train_one(suite, model, epochs, splits, args, out)
                 rows.append(row)
                 line = json.dumps(row)
