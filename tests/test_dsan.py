@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from ferkit import create_model
@@ -99,6 +100,53 @@ def test_eq7_without_sa_the_loss_is_centre_and_island_loss():
     terms = method.feature_recalibration_loss(out, labels)
     torch.testing.assert_close(terms["fr_c"], centre(feat, labels))
     torch.testing.assert_close(terms["fr"] - terms["fr_ce"], 0.01 * island(feat, labels))
+
+
+@pytest.mark.parametrize("lambda1", [0.01, 0.5])
+def test_centre_step_does_not_shrink_with_lambda1(lambda1):
+    """The centres' gradient from λ1 FR_C + λ2 CCS is ∂(FR_C + λ2/λ1 CCS)/∂c (Wen et al.'s update), while the
+    features' gradient keeps the factor λ1."""
+    torch.manual_seed(0)
+    feat, labels = torch.rand(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 0, 1, 2])
+    method = _method({"sa": False, "hfe1_dim": 4}, {"loss_variant": "island", "lambda1": lambda1, "lambda2": 0.02}, k=3)
+    out = DSANOutput(logits=torch.zeros(6, 3), gfe_logits=torch.zeros(6, 3), gfe_feature=feat, attention=None)
+    terms = method.feature_recalibration_loss(out, labels)
+    (terms["fr"] - terms["fr_ce"]).backward()
+    c = method.centres.centres.detach().clone().requires_grad_(True)
+    f = feat.detach().clone().requires_grad_(True)
+    fr_c = ((f - c[labels]) ** 2).sum(1).mean() / 2
+    cn = F.normalize(c, dim=1)
+    ccs = ((cn @ cn.t())[~torch.eye(3, dtype=torch.bool)] + 1).sum()
+    (fr_c + 0.02 / lambda1 * ccs).backward()
+    torch.testing.assert_close(method.centres.centres.grad, c.grad)
+    torch.testing.assert_close(feat.grad, lambda1 * f.grad)
+
+
+def test_centre_warmup_ramps_the_features_gradient_only():
+    """centre_warmup_epochs=2: the features feel λ1 FR_C at 0, 1/2, 1 of its gradient in epochs 0, 1, 2; the loss
+    value and the centres' gradient do not change."""
+    torch.manual_seed(0)
+    method = _method({"sa": False, "hfe1_dim": 4}, {"loss_variant": "centre", "lambda1": 0.1,
+                                                    "centre_warmup_epochs": 2}, k=3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    feat0 = torch.rand(6, 4)
+    grads, values, centre_grads = [], [], []
+    for epoch in range(3):
+        method.on_train_epoch_start(epoch)
+        feat = feat0.clone().requires_grad_(True)
+        method.centres.centres.grad = None
+        out = DSANOutput(logits=torch.zeros(6, 3), gfe_logits=torch.zeros(6, 3), gfe_feature=feat, attention=None)
+        terms = method.feature_recalibration_loss(out, labels)
+        (terms["fr"] - terms["fr_ce"]).backward()
+        grads.append(feat.grad)
+        values.append(float(terms["fr"]))
+        centre_grads.append(method.centres.centres.grad.clone())
+    assert float(grads[0].abs().max()) == 0 and float(grads[2].abs().max()) > 0
+    torch.testing.assert_close(grads[1], grads[2] / 2)
+    assert values[0] == values[1] == values[2]
+    torch.testing.assert_close(centre_grads[0], centre_grads[2])
+    with pytest.raises(ValueError, match="centre_warmup_epochs"):
+        _method({}, {"centre_warmup_epochs": -1})
 
 
 def test_mff_an_eqs8_9_by_hand():

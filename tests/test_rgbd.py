@@ -111,7 +111,7 @@ def test_savchenko_face_weights_fill_both_streams(tmp_path):
     path, state = _savchenko_file(tmp_path)
     assert not any(k.startswith("classifier.") for k in state) and "conv_head.weight" in state
     m = create_model("rgbd_cmsa", num_classes=7, pretrained=path, **SMALL)
-    assert m.key_report.clean
+    assert m.key_report.acceptable and not m.key_report.unexpected and not m.key_report.shape_mismatch
     own = m.state_dict()
     for key in ("conv_stem.weight", "blocks.6.1.conv_pwl.weight", "blocks.3.0.bn1.running_mean"):
         assert torch.equal(own[f"rgb_backbone.{key}"], state[key]) and torch.equal(own[f"depth_backbone.{key}"], state[key])
@@ -119,6 +119,9 @@ def test_savchenko_face_weights_fill_both_streams(tmp_path):
     assert rep["dropped_after_last_irb"] == ["bn2.bias", "bn2.num_batches_tracked", "bn2.running_mean",
                                              "bn2.running_var", "bn2.weight", "conv_head.weight"]
     assert rep["trunk_tensors"] == len(state) - 6 and "pos_embed" in rep["fusion_initialised_afresh"]
+    reported_fresh = m.key_report.kept_fresh + m.key_report.new_classifier  # BatchNorm step counters: not reported
+    assert sorted(reported_fresh) == sorted(k for k in rep["fusion_initialised_afresh"]
+                                            if not k.endswith("num_batches_tracked"))
     rgb_only = create_model("rgbd_cmsa", use_depth=False, pretrained=path, **SMALL)
     assert rgb_only.face_weights_report["streams"] == ["rgb_backbone"]
     # a trunk key missing, or a foreign one, is named (strict)
@@ -172,7 +175,14 @@ def test_recipe_loss_is_weighted_ce_plus_centre_plus_island():
     centre = ((feat - c[y]) ** 2).sum(1).mean() / 2  # Eq. 4 (batch mean)
     cn = F.normalize(c, dim=1)
     island = sum(float(cn[j] @ cn[k]) + 1 for j in range(3) for k in range(3) if j != k)  # Eq. 6
-    assert float(out.loss.detach()) == pytest.approx(float(ce) + 0.01 * float(centre) + 10.0 * island, rel=1e-5)
+    # Cai et al.'s island loss: L = CE + λ1 (L_C + λ2 L_I)
+    assert float(out.loss.detach()) == pytest.approx(float(ce) + 0.01 * (float(centre) + 10.0 * island), rel=1e-5)
+    out.loss.backward()  # the centres step on ∂(L_C + λ2 L_I)/∂c, not scaled down by λ1
+    c_ref = c.clone().requires_grad_(True)
+    cn_ref = F.normalize(c_ref, dim=1)
+    off = ~torch.eye(3, dtype=torch.bool)
+    (((feat - c_ref[y]) ** 2).sum(1).mean() / 2 + 10.0 * ((cn_ref @ cn_ref.t())[off] + 1).sum()).backward()
+    torch.testing.assert_close(method.centres.centres.grad, c_ref.grad)
     assert float(out.logs["island"]) == pytest.approx(island, rel=1e-5)
     specs = {s.name: s for s in method.optimizer_specs()}
     assert list(specs) == ["backbones", "fusion", "centres"] and specs["centres"].overrides["lr"] == 0.5

@@ -31,6 +31,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ferkit._files import remove_stale_temps
+
 from .base import DataError, FaceDataset, FaceRecord, open_image
 
 __all__ = ["DecodedImages", "attach_decode_cache", "build_decoded", "open_decoded", "cache_key"]
@@ -142,15 +144,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _remove_stale_tmp(path: Path) -> None:
-    for tmp in path.parent.glob(path.name + ".*.tmp"):
-        try:
-            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
-                tmp.unlink()
-        except OSError:
-            pass  # another process's file, gone meanwhile
-
-
 def _decode_into(out: np.ndarray, records: Sequence[FaceRecord], mode: str, progress: bool) -> None:
     want = out.shape[1:3]
 
@@ -185,7 +178,7 @@ def build_decoded(records: Sequence[FaceRecord], path: Path, mode: str, size: tu
     with _locked(path):
         if path.is_file():  # another process built it while this one waited for the lock
             return
-        _remove_stale_tmp(path)
+        remove_stale_temps(path.parent, f"{path.name}.", _STALE_TMP_S)
         tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

@@ -15,12 +15,13 @@ import json
 import os
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ferkit._files import remove_stale_temps
 
 __all__ = ["CheckpointError", "STALE_TEMP_S", "atomic_write_bytes", "save_weights", "load_weights", "read_metadata",
            "save_state", "load_state", "capture_rng", "restore_rng"]
@@ -41,7 +42,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
+        remove_stale_temps(path.parent, f".{path.name}.", STALE_TEMP_S)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
@@ -58,18 +59,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete the temporary files of earlier, killed writes of ``path`` (recent ones may be another writer's)."""
-    prefix, now = f".{path.name}.", time.time()
-    for p in path.parent.iterdir():
-        if p.name.startswith(prefix) and p.name.endswith(".tmp"):
-            try:
-                if now - p.stat().st_mtime > STALE_TEMP_S:
-                    p.unlink()
-            except OSError:
-                pass  # gone meanwhile, or not ours to delete: the write itself will say if the folder is unusable
 
 
 def _fsync_dir(directory: Path) -> None:

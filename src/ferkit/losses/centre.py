@@ -3,6 +3,13 @@ seed 002, after Wen et al. 2016 and Cai et al. 2018).
 
 Centres are parameters of the loss module (so they are checkpointed with the method) and learn through their own
 optimiser: SGD, lr 0.5, no weight decay (DACL practice) — see :func:`centre_optimizer_spec`.
+
+The centres' step does not depend on the weight λ the centre term has in the network's loss: Wen et al. update
+c_j <- c_j - α Δc_j with Δc_j = ∂L_C/∂c_j, not ∂(λ L_C)/∂c_j (common centre-loss code divides the centres' gradient
+by λ before their SGD step). :meth:`ClassCentres.weighted` does that inside the graph, so it holds under DDP, AMP and
+SAM without the engine knowing. Without it, λ = 0.01 and lr 0.5 move a centre 0.5 % of the way to its class per
+step: the centres stay at their random start, and a term that pulls features towards random points is minimised
+by switching the features off (DSAN's FR_C: every attention weight a_ij -> 0, a from-scratch run never learns).
 """
 from __future__ import annotations
 
@@ -12,7 +19,13 @@ from torch import nn
 
 from ferkit.methods.base import OptimizerSpec
 
-__all__ = ["ClassCentres", "CentreLoss", "IslandLoss", "pairwise_cosine_penalty", "centre_optimizer_spec"]
+__all__ = ["ClassCentres", "CentreLoss", "IslandLoss", "pairwise_cosine_penalty", "centre_optimizer_spec",
+           "scale_gradient"]
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    return x.detach() + scale * (x - x.detach())
 
 
 def pairwise_cosine_penalty(centres: torch.Tensor) -> torch.Tensor:
@@ -30,10 +43,17 @@ class ClassCentres(nn.Module):
         super().__init__()
         self.centres = nn.Parameter(torch.randn(num_classes, dim))
 
-    def centre_distance(self, feat: torch.Tensor, labels: torch.Tensor,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-        """(1 / 2N) sum_i sum_j w_ij (f_ij - c_{y_i, j})^2; ``weights`` None means w = 1 (plain centre loss)."""
-        sq = (feat.float() - self.centres[labels].float()).pow(2)  # (N, D)
+    def weighted(self, lam: float) -> torch.Tensor:
+        """The centres as they enter a term weighted by ``lam`` in the loss: same values, gradient scaled by 1 / lam,
+        so their SGD step is α ∂L/∂c whatever lam is (Wen et al.'s update; see the module note)."""
+        return scale_gradient(self.centres, 1.0 / lam) if lam > 0 else self.centres
+
+    def centre_distance(self, feat: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                        centres: torch.Tensor | None = None) -> torch.Tensor:
+        """(1 / 2N) sum_i sum_j w_ij (f_ij - c_{y_i, j})^2; ``weights`` None means w = 1 (plain centre loss);
+        ``centres`` defaults to this module's (pass :meth:`weighted` for a λ-independent centre step)."""
+        centres = self.centres if centres is None else centres
+        sq = (feat.float() - centres[labels].float()).pow(2)  # (N, D)
         if weights is not None:
             sq = weights.float() * sq
         return sq.sum(1).mean() / 2

@@ -6,7 +6,9 @@ L_FR = L_FR_CE + λ1 L_FR_C + λ2 L_CCS (Eq. 6) on GFE-AN and CE on MFF-AN.
   recalibrated feature) — :meth:`ferkit.losses.ClassCentres.centre_distance` with ``weights = a``.
 * L_CCS (Eq. 5): Σ_{i≠j} (cos(c_i, c_j) + 1) — :func:`ferkit.losses.pairwise_cosine_penalty`.
 * The class centres c ∈ R^{K×d} are learnable loss state of this method (checkpointed with it) and learn by their own
-  SGD, lr 0.5 (DACL practice, SPEC 3.2), via :func:`ferkit.losses.centre_optimizer_spec`.
+  SGD, lr 0.5 (DACL practice, SPEC 3.2), via :func:`ferkit.losses.centre_optimizer_spec`, with a step that does not
+  shrink with λ1 (:meth:`ferkit.losses.ClassCentres.weighted`; with λ1 = 0.01 and a plain gradient the centres stayed
+  at their random start and FR_C switched the attention off: a from-scratch DSAN did not learn at all).
 
 Table 5's loss variants are ``loss_variant`` (see :data:`LOSS_VARIANTS`): with SA off (a ≡ 1) Eq. 7 reduces L_FR to
 CE, centre loss and island loss. :data:`ABLATIONS` names every ablation row of Tables 5-7 and Figs. 6, 8, 9 as config
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferkit.losses import ClassCentres, centre_optimizer_spec, pairwise_cosine_penalty
+from ferkit.losses import ClassCentres, centre_optimizer_spec, pairwise_cosine_penalty, scale_gradient
 from ferkit.models.dsan import DSAN, DSANOutput
 from .base import Method, OptimizerSpec, StepOutput, register_method
 
@@ -95,7 +97,7 @@ class DSANMethod(Method):
     """Owns the DSAN model and its class centres; one step = one forward of both streams and Eq. 11."""
 
     def __init__(self, model: nn.Module, lambda1: float = 0.01, lambda2: float = 0.01, centre_lr: float = 0.5,
-                 loss_variant: str = "fr", label_smoothing: float = 0.0):
+                 loss_variant: str = "fr", label_smoothing: float = 0.0, centre_warmup_epochs: int = 0):
         super().__init__(model)
         if not isinstance(model, DSAN):
             raise ValueError(f"method dsan: needs model.name=dsan, got {type(model).__name__}")
@@ -109,8 +111,12 @@ class DSANMethod(Method):
             raise ValueError(f"method.kwargs.loss_variant={loss_variant} needs model.kwargs.sa={str(needs_sa).lower()}")
         self.lambda1 = lambda1 if centre_on else 0.0
         self.lambda2 = lambda2 if ccs_on else 0.0
+        if centre_warmup_epochs < 0:
+            raise ValueError(f"method.kwargs.centre_warmup_epochs: must be >= 0, got {centre_warmup_epochs!r}")
         self.centre_lr = centre_lr
         self.label_smoothing = label_smoothing
+        self.centre_warmup_epochs = centre_warmup_epochs
+        self._centre_ramp = 1.0
         uses_centres = gfe is not None and (self.lambda1 > 0 or self.lambda2 > 0)
         self.centres = ClassCentres(model.num_classes, gfe.dim) if uses_centres else None
         self._zero = self._total = 0.0
@@ -122,12 +128,18 @@ class DSANMethod(Method):
         return specs
 
     def feature_recalibration_loss(self, out: DSANOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_FR and its terms (Eqs. 3-6); with SA off, a ≡ 1 (Eq. 7)."""
+        """L_FR and its terms (Eqs. 3-6); with SA off, a ≡ 1 (Eq. 7). During the centre warm-up the network feels
+        FR_C's gradient scaled by the ramp (the loss value and the centres' step stay those of Eq. 6)."""
         terms = {"fr_ce": F.cross_entropy(out.gfe_logits, labels, label_smoothing=self.label_smoothing)}  # Eq. 3
         fr = terms["fr_ce"]
         if self.centres is not None:
-            terms["fr_c"] = self.centres.centre_distance(out.gfe_feature, labels, weights=out.attention)  # Eq. 4
-            terms["ccs"] = pairwise_cosine_penalty(self.centres.centres)  # Eq. 5
+            centres = self.centres.weighted(self.lambda1)  # the centres step by α ∂(FR_C + λ2/λ1 CCS)/∂c
+            feature, attention = out.gfe_feature, out.attention
+            if self._centre_ramp < 1.0:
+                feature = scale_gradient(feature, self._centre_ramp)
+                attention = None if attention is None else scale_gradient(attention, self._centre_ramp)
+            terms["fr_c"] = self.centres.centre_distance(feature, labels, attention, centres)  # Eq. 4
+            terms["ccs"] = pairwise_cosine_penalty(centres)  # Eq. 5
             fr = fr + self.lambda1 * terms["fr_c"] + self.lambda2 * terms["ccs"]  # Eq. 6
         terms["fr"] = fr
         return terms
@@ -152,6 +164,8 @@ class DSANMethod(Method):
 
     def on_train_epoch_start(self, epoch: int) -> None:
         self._zero = self._total = 0.0
+        # linear ramp over the warm-up epochs: 0, 1/w, 2/w, ... then 1
+        self._centre_ramp = min(1.0, epoch / self.centre_warmup_epochs) if self.centre_warmup_epochs else 1.0
 
     def on_train_epoch_end(self, epoch: int) -> dict[str, float]:
         """P(a_ij = 0) over the epoch's training samples (Fig. 10); absent when SA is off."""

@@ -1,12 +1,18 @@
 """Training recipe of the RGB + depth network (seed 002 §III-D/E, SPEC 3.6): class-weighted cross-entropy plus
-lambda_1 centre loss plus lambda_2 island loss on the features at the exit of the fusion network,
+centre and island terms on the features at the exit of the fusion network. The seed's Eq. 5,
+L = L_CE(w) + lambda_1 L_C + lambda_2 L_I, "set up with lambda_1 = 1e-2 and lambda_2 = 10", is read with the
+island loss's own parametrisation (Cai et al. 2018, the seed's [6], whose settings these are):
 
-    L = L_CE(w) + lambda_1 L_C + lambda_2 L_I                                                   (Eq. 5)
+    L = L_CE(w) + lambda_1 (L_C + lambda_2 L_I)
 
 with w_c = N / (K n_c) (Eq. 2-3), L_C the centre loss (Eq. 4; mean over the batch instead of the sum, so lambda_1
-does not depend on the batch size) and L_I = sum_{j != k} (cos(c_j, c_k) + 1), the island term of Cai et al.
-(Eq. 6 as intended: the seed's printed denominator ``||c_j|| - ||c_k||`` is a typo for the product of the norms).
-Centres learn by their own SGD (lr alpha = 0.5), outside the One-Cycle schedule.
+does not depend on the batch size) and L_I = sum_{j != k} (cos(c_j, c_k) + 1) (Eq. 6 as intended: the seed's
+printed denominator ``||c_j|| - ||c_k||`` is a typo for the product of the norms). L_I depends on the centres only,
+so the two readings train the network identically; they differ in how hard the centres are pushed apart relative to
+being pulled to their class: lambda_2 = 10 relative (Cai) vs 1,000 (lambda_2 / lambda_1 in the literal reading,
+under which the centres ignored their classes and the runs collapsed to one class). Centres learn by their own SGD
+(lr alpha = 0.5) on alpha ∂(L_C + lambda_2 L_I)/∂c, independent of lambda_1 (:meth:`ClassCentres.weighted`),
+outside the One-Cycle schedule.
 
 Optimisers: the model's ``param_groups()`` (``backbones``, ``fusion``) become one optimiser each, so the One-Cycle
 schedule can give them different peaks (``optim.max_lr: {backbones: 1e-4, fusion: 1e-3}``, Table III). Models
@@ -78,11 +84,12 @@ class RGBDIsland(Method):
         ce = F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
         loss, logs = ce, {"ce": ce.detach()}
         if self.centres is not None:
-            centre = self.centres(feat, labels)  # Eq. 4
-            loss = loss + self.lambda_centre * centre
+            centres = self.centres.weighted(self.lambda_centre)
+            centre_terms = centre = self.centres.centre_distance(feat, labels, centres=centres)  # Eq. 4
             logs["centre"] = centre.detach()
-        if self.loss_kind == "island":
-            island = pairwise_cosine_penalty(self.centres.centres)  # Eq. 6
-            loss = loss + self.lambda_island * island
-            logs["island"] = island.detach()
+            if self.loss_kind == "island":
+                island = pairwise_cosine_penalty(centres)  # Eq. 6
+                centre_terms = centre + self.lambda_island * island  # the island loss (Cai et al.)
+                logs["island"] = island.detach()
+            loss = loss + self.lambda_centre * centre_terms
         return StepOutput(loss=loss, logits=logits, logs=logs)

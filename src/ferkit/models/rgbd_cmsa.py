@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ferkit.layers import MultiLANet
-from .registry import ModelInfo, register_model
+from .registry import FilteredState, ModelInfo, register_model
 
 __all__ = ["RGBDCMSA", "checkpoint_filter_fn", "BACKBONE_CHANNELS"]
 
@@ -191,7 +191,7 @@ def checkpoint_filter_fn(state: dict[str, Any], model: RGBDCMSA) -> dict[str, to
     For the face model, the layers after the last inverted residual block (``conv_head``, ``bn2``, a classifier if
     any) are dropped by name, trunk keys that do not belong to the architecture are left in place (the strict load
     then names them as unexpected), and the fusion network keeps its fresh initialisation — it is trained from
-    scratch. What happened is logged and kept in ``model.face_weights_report``.
+    scratch — declared as such (:class:`FilteredState`), so the key report lists it under ``kept_fresh``. What happened is logged and kept in ``model.face_weights_report``.
     """
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -206,14 +206,13 @@ def checkpoint_filter_fn(state: dict[str, Any], model: RGBDCMSA) -> dict[str, to
     out = {f"{s}.{k}": v for s in streams for k, v in trunk.items()}
     own = model.state_dict()
     fresh = [k for k in own if not k.startswith(tuple(f"{s}." for s in streams))]
-    out.update({k: own[k] for k in fresh})
     report = {"streams": streams, "trunk_tensors": len(trunk), "dropped_after_last_irb": dropped,
               "fusion_initialised_afresh": fresh}
     model.face_weights_report = report  # type: ignore[attr-defined]
     _logger.info("rgbd_cmsa: face trunk (%d tensors) copied into %s; dropped (after the last IRB): %s; "
                  "fusion network initialised afresh (%d tensors)", len(trunk), " and ".join(streams),
                  ", ".join(dropped) or "none", len(fresh))
-    return out
+    return FilteredState(out, fresh=fresh)  # the loader reports the fusion network as kept fresh
 
 
 @register_model(ModelInfo(
