@@ -85,6 +85,15 @@ def budget_epochs(sec_per_sample: float, n_train: int, budget_min: float, max_ep
     return int(min(max_epochs, max(min_epochs, math.floor(60 * budget_min / per_epoch))))
 
 
+def budget_plan(sec_per_sample: float, n_train: int, budget_min: float, max_epochs: int, min_epochs: int = 1,
+                overhead_s: float = 2.0) -> tuple[int, int]:
+    """(epochs, training samples) for a budget: the whole set for the epochs that fit (:func:`budget_epochs`) or,
+    when one epoch of it does not fit (ARM or POSTER on a CPU), one epoch over the random subset that does."""
+    if sec_per_sample * n_train * 1.05 + overhead_s <= 60 * budget_min:
+        return budget_epochs(sec_per_sample, n_train, budget_min, max_epochs, min_epochs, overhead_s), n_train
+    return 1, max(1, min(n_train, int((60 * budget_min - overhead_s) / (sec_per_sample * 1.05))))
+
+
 def fresh_dir(path: Path) -> Path:
     """``path`` emptied of an earlier run (the engine appends to an existing metrics.jsonl)."""
     shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from ferkit.engine.optim import build_optimizer
 from ferkit.engine.trainer import resolve_device
 from ferkit.methods import OptimizerSpec, build_method
 
+from _common import budget_plan
 from _common import seconds_per_sample as calibrate
 from _common import subset
 
@@ -123,15 +123,6 @@ def seconds_per_sample(preset: str, splits: DataSplits, args: argparse.Namespace
     return calibrate(cfg, splits, out / "calibration" / preset, 2 * cfg.train.batch_size, 16, args.seed)
 
 
-def plan(sec_per_sample: float, n_train: int, args: argparse.Namespace) -> tuple[int, int]:
-    """(epochs, training samples per epoch) that fit the budget."""
-    budget_s = 60 * args.budget_min
-    per_epoch = sec_per_sample * n_train * 1.05
-    if per_epoch <= budget_s:
-        return int(min(args.max_epochs, max(1, math.floor(budget_s / per_epoch)))), n_train
-    return 1, max(1, min(n_train, int(budget_s / (sec_per_sample * 1.05))))
-
-
 def train_one(preset: str, label: str, epochs: int, n_train: int, splits: DataSplits, args: argparse.Namespace,
               out: Path, extra: list[str] | None = None) -> dict:
     cfg = run_config(preset, args, [f"train.epochs={epochs}", f"train.time_budget_min={args.budget_min}",
@@ -152,7 +143,8 @@ def train_one(preset: str, label: str, epochs: int, n_train: int, splits: DataSp
 def baseline_rows(splits: DataSplits, args: argparse.Namespace, out: Path) -> list[dict]:
     rows = []
     for preset in ("resnet18_synthetic", "poster_synthetic"):
-        epochs, n = plan(seconds_per_sample(preset, splits, args, out, []), len(splits.train), args)
+        epochs, n = budget_plan(seconds_per_sample(preset, splits, args, out, []), len(splits.train),
+                                args.budget_min, args.max_epochs)
         rows.append({**train_one(preset, preset, epochs, n, splits, args, out), "part": "baseline"})
     return rows
 
@@ -168,7 +160,8 @@ def landmark_rows(splits: DataSplits, args: argparse.Namespace, out: Path) -> li
         time_budget_min=args.budget_min, device=args.device, batch_size=8 if args.quick else 64))
     rows = [{"part": "landmarks", "run": "landmark pretraining", "test_nme": round(lm["test_nme"], 4),
              "test_nme_untrained": round(lm["test_nme_untrained"], 4), "epochs_run": lm["epochs"]}]
-    epochs, n = plan(seconds_per_sample("poster_synthetic", splits, args, out, []), len(splits.train), args)
+    epochs, n = budget_plan(seconds_per_sample("poster_synthetic", splits, args, out, []), len(splits.train),
+                            args.budget_min, args.max_epochs)
     for label, extra in (("poster, random frozen landmarks", []),
                          ("poster, pretrained landmarks", [f"method.kwargs.landmark_weights={lm_path}"])):
         rows.append({**train_one("poster_synthetic", label.replace(", ", "_").replace(" ", "_"), epochs, n, splits,

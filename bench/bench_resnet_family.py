@@ -7,8 +7,9 @@ DSAN's presets are the baseline's with the model and method swapped; ARM's use i
 decay 0.9, batch 256) and compute at 224 px inside the model, so it gets fewer epochs for the same time.
 
 Budget: a short calibration run (a few batches) measures each model's seconds per training sample, and each run gets
-the epochs its budget allows (``--epochs`` overrides), so every schedule runs to its end; the trainer's time budget
-stops a run that overshoots. Reported per model: test WA / UA at the last epoch (nothing is selected on the test
+the epochs its budget allows (``--epochs`` overrides), so every schedule runs to its end; when one epoch of the whole
+training set does not fit (ARM on a CPU), one epoch over the random subset that does (``n_train`` in the row). The
+trainer's time budget stops a run that overshoots. Reported per model: test WA / UA at the last epoch (nothing is selected on the test
 split), epochs run, training time, parameters.
 
 Output: one JSON line per run (stdout and ``<out>/results.jsonl``), then a markdown table (stdout and
@@ -32,7 +33,7 @@ from ferkit.config import Config, load_config
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.engine import Trainer
 
-from _common import budget_epochs
+from _common import budget_plan, subset
 from _common import seconds_per_sample as calibrate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,11 @@ def seconds_per_sample(suite: str, model: str, splits: DataSplits, args: argpars
     return calibrate(cfg, splits, out / "calibration" / f"{suite}_{model}", 8 * cfg.train.batch_size, 64, args.seed)
 
 
-def train_one(suite: str, model: str, epochs: int, splits: DataSplits, args: argparse.Namespace,
+def train_one(suite: str, model: str, epochs: int, n_train: int, splits: DataSplits, args: argparse.Namespace,
               out: Path) -> dict:
     cfg = run_config(suite, model, args, [f"train.epochs={epochs}", f"train.time_budget_min={args.budget_min}"])
+    if n_train < len(splits.train):  # one epoch of the whole set does not fit the budget (ARM at 224 inside)
+        splits = DataSplits(subset(splits.train, n_train, args.seed, "train"), splits.test)
     t0 = time.time()
     trainer = Trainer(cfg, out / "runs" / f"{suite}_{model}", splits=splits)
     result = trainer.fit()
@@ -93,10 +96,10 @@ def train_one(suite: str, model: str, epochs: int, splits: DataSplits, args: arg
 
 def table(rows: list[dict], budget: float) -> str:
     lines = [f"Test WA / UA (%) at the last epoch, {budget:g} min of training per model.", "",
-             "| suite | model | input | epochs | train min | params M | WA | UA |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| suite | model | input | epochs | train samples | train min | params M | WA | UA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['suite']} | {r['model']} | {r['input_size']} | {r['epochs_run']} | "
+        lines.append(f"| {r['suite']} | {r['model']} | {r['input_size']} | {r['epochs_run']} | {r['n_train']} | "
                      f"{r['train_time_s'] / 60:.1f} | {r['params_m']:.2f} | {100 * r['wa']:.2f} | "
                      f"{100 * r['ua']:.2f} |")
     return "\n".join(lines)
@@ -117,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = run_config(suite, args.models[0], args, [])
             splits = build_splits(cfg.data, cfg.seed)  # the presets of one suite share their data
             for model in args.models:
-                epochs = args.epochs or budget_epochs(seconds_per_sample(suite, model, splits, args, out),
-                                                      len(splits.train), args.budget_min, args.max_epochs)
-                row = train_one(suite, model, epochs, splits, args, out)
+                if args.epochs:
+                    epochs, n_train = args.epochs, len(splits.train)
+                else:
+                    epochs, n_train = budget_plan(seconds_per_sample(suite, model, splits, args, out),
+                                                  len(splits.train), args.budget_min, args.max_epochs)
+                row = train_one(suite, model, epochs, n_train, splits, args, out)
                 rows.append(row)
                 line = json.dumps(row)
                 print(line, flush=True)
