@@ -20,7 +20,6 @@ Output: one JSON line per measurement (stdout and ``<out>/results.jsonl``), then
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ferkit.engine.optim import build_optimizer
 from ferkit.engine.trainer import resolve_device
 from ferkit.methods import OptimizerSpec, build_method
 
-from _common import budget_plan
+from _common import JsonLines, budget_plan
 from _common import seconds_per_sample as calibrate
 from _common import subset
 
@@ -198,12 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    with open(out / "results.jsonl", "w", encoding="utf-8") as log:
+    with JsonLines(out / "results.jsonl") as log:  # flushed per row: a killed bench keeps what it measured
         def emit(new: list[dict]) -> None:
-            for r in new:
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                log.write(json.dumps(r) + "\n")
+            rows.extend(log(r) for r in new)
 
         if "speed" in args.parts:
             emit(speed_rows(args))

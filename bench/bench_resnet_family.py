@@ -9,8 +9,8 @@ decay 0.9, batch 256) and compute at 224 px inside the model, so it gets fewer e
 Budget: a short calibration run (a few batches) measures each model's seconds per training sample, and each run gets
 the epochs its budget allows (``--epochs`` overrides), so every schedule runs to its end; when one epoch of the whole
 training set does not fit (ARM on a CPU), one epoch over the random subset that does (``n_train`` in the row). The
-trainer's time budget stops a run that overshoots. Reported per model: test WA / UA at the last epoch (nothing is selected on the test
-split), epochs run, training time, parameters.
+trainer's time budget stops a run that overshoots. Reported per model: test WA / UA at the last epoch (nothing is
+selected on the test split), epochs run, training time, parameters.
 
 Output: one JSON line per run (stdout and ``<out>/results.jsonl``), then a markdown table (stdout and
 ``<out>/table.md``).
@@ -21,7 +21,6 @@ Output: one JSON line per run (stdout and ``<out>/results.jsonl``), then a markd
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from ferkit.config import Config, load_config
 from ferkit.data.build import DataSplits, build_splits
 from ferkit.engine import Trainer
 
-from _common import budget_plan, subset
+from _common import JsonLines, budget_plan, subset
 from _common import seconds_per_sample as calibrate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +69,11 @@ def run_config(suite: str, model: str, args: argparse.Namespace, extra: list[str
 
 
 def seconds_per_sample(suite: str, model: str, splits: DataSplits, args: argparse.Namespace, out: Path) -> float:
-    """Warm-epoch calibration over eight batches of the training set (see ``_common.seconds_per_sample``)."""
+    """Warm-epoch calibration over four batches of at most 64 (see ``_common.seconds_per_sample``): ARM's batch of
+    256 at 224 px would make eight of its own batches, twice, an 18-minute calibration on one CPU core."""
     cfg = run_config(suite, model, args, [])
-    return calibrate(cfg, splits, out / "calibration" / f"{suite}_{model}", 8 * cfg.train.batch_size, 64, args.seed)
+    cfg.train.batch_size = min(cfg.train.batch_size, 64)
+    return calibrate(cfg, splits, out / "calibration" / f"{suite}_{model}", 4 * cfg.train.batch_size, 64, args.seed)
 
 
 def train_one(suite: str, model: str, epochs: int, n_train: int, splits: DataSplits, args: argparse.Namespace,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    with open(out / "results.jsonl", "w", encoding="utf-8") as log:
+    with JsonLines(out / "results.jsonl") as emit:  # one flushed line per run: a killed bench keeps what it measured
         for suite in args.suites:
             if suite != "synthetic" and not (Path(args.data_root) / suite).is_dir():
                 print(f"# {suite}: skipped, no data at {Path(args.data_root) / suite} (set FERKIT_DATA)",
@@ -125,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     epochs, n_train = budget_plan(seconds_per_sample(suite, model, splits, args, out),
                                                   len(splits.train), args.budget_min, args.max_epochs)
-                row = train_one(suite, model, epochs, n_train, splits, args, out)
-                rows.append(row)
-                line = json.dumps(row)
-                print(line, flush=True)
-                log.write(line + "\n")
+                rows.append(emit(train_one(suite, model, epochs, n_train, splits, args, out)))
     md = table(rows, args.budget_min)
     (out / "table.md").write_text(md + "\n", encoding="utf-8")
     print(md)

@@ -7,9 +7,9 @@ optimiser: SGD, lr 0.5, no weight decay (DACL practice) — see :func:`centre_op
 The centres' step does not depend on the weight λ the centre term has in the network's loss: Wen et al. update
 c_j <- c_j - α Δc_j with Δc_j = ∂L_C/∂c_j, not ∂(λ L_C)/∂c_j (common centre-loss code divides the centres' gradient
 by λ before their SGD step). :meth:`ClassCentres.weighted` does that inside the graph, so it holds under DDP, AMP and
-SAM without the engine knowing. Without it, λ = 0.01 and lr 0.5 move a centre 0.5 % of the way to its class per
-step: the centres stay at their random start, and a term that pulls features towards random points is minimised
-by switching the features off (DSAN's FR_C: every attention weight a_ij -> 0, a from-scratch run never learns).
+SAM without the engine knowing. Without it, λ = 0.01 and lr 0.5 move a centre at most 0.5 % of the way to its class
+per step: the centres stay at their random start, and a term that pulls features towards random points is lowest
+with the features switched off.
 """
 from __future__ import annotations
 

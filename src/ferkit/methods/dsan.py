@@ -8,7 +8,9 @@ L_FR = L_FR_CE + λ1 L_FR_C + λ2 L_CCS (Eq. 6) on GFE-AN and CE on MFF-AN.
 * The class centres c ∈ R^{K×d} are learnable loss state of this method (checkpointed with it) and learn by their own
   SGD, lr 0.5 (DACL practice, SPEC 3.2), via :func:`ferkit.losses.centre_optimizer_spec`, with a step that does not
   shrink with λ1 (:meth:`ferkit.losses.ClassCentres.weighted`; with λ1 = 0.01 and a plain gradient the centres stayed
-  at their random start and FR_C switched the attention off: a from-scratch DSAN did not learn at all).
+  at their random start). ``centre_warmup_epochs`` ramps FR_C's gradient on the network in over the first epochs:
+  from a random trunk, FR_C is lowest with the attention switched off, and it won over the still-flat CE (a
+  from-scratch DSAN stayed at chance; the from-scratch presets also lower the lr, see ``dsan_synthetic``).
 
 Table 5's loss variants are ``loss_variant`` (see :data:`LOSS_VARIANTS`): with SA off (a ≡ 1) Eq. 7 reduces L_FR to
 CE, centre loss and island loss. :data:`ABLATIONS` names every ablation row of Tables 5-7 and Figs. 6, 8, 9 as config

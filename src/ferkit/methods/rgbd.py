@@ -10,7 +10,7 @@ does not depend on the batch size) and L_I = sum_{j != k} (cos(c_j, c_k) + 1) (E
 printed denominator ``||c_j|| - ||c_k||`` is a typo for the product of the norms). L_I depends on the centres only,
 so the two readings train the network identically; they differ in how hard the centres are pushed apart relative to
 being pulled to their class: lambda_2 = 10 relative (Cai) vs 1,000 (lambda_2 / lambda_1 in the literal reading,
-under which the centres ignored their classes and the runs collapsed to one class). Centres learn by their own SGD
+where the push all but ignores the classes). Centres learn by their own SGD
 (lr alpha = 0.5) on alpha ∂(L_C + lambda_2 L_I)/∂c, independent of lambda_1 (:meth:`ClassCentres.weighted`),
 outside the One-Cycle schedule.
 
