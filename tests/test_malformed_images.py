@@ -248,3 +248,21 @@ def test_serve_decodes_uploads_with_the_shared_decoder(ckpt):
         with pytest.raises(RequestError) as info:
             service.decode(corpus()[name][0])
         assert info.value.status == status and "\n" not in info.value.message, name
+
+
+@pytest.mark.parametrize("orientation, size, top_left", [(1, (40, 20), "red"), (6, (20, 40), "red"),
+                                                         (3, (40, 20), "blue"), (8, (20, 40), "blue")])
+def test_exif_orientation_is_applied(tmp_path, orientation, size, top_left):
+    """A phone photo stored sideways with an Orientation tag comes back upright (stored: left half red, right half
+    blue; 6 = turn 90° clockwise to display, so the stored left edge is the top; 8 = counter-clockwise)."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    im = open_image(path)
+    assert im.size == size
+    r, _, b = im.getpixel((1, 1))
+    assert (r > 200 and b < 60) if top_left == "red" else (b > 200 and r < 60)

@@ -92,7 +92,7 @@ def open_image(path: str | Path | BinaryIO, source: str = "", mode: str = "RGB",
     Memory stays bounded: a JPEG whose long side is over ``max_side`` is decoded reduced (``draft``), then every
     image is downscaled to ``max_side`` (``thumbnail``; ``None``: never); an image that would still decode to more
     than ``max_pixels`` pixels is refused with :class:`ImageTooLarge` before decoding. Animations give their first
-    frame. Any failure is a one-line :class:`DataError` naming ``source`` (default: the path).
+    frame; an EXIF orientation tag is applied (the picture comes back upright). Any failure is a one-line :class:`DataError` naming ``source`` (default: the path).
     """
     from PIL import Image
 
@@ -106,7 +106,7 @@ def open_image(path: str | Path | BinaryIO, source: str = "", mode: str = "RGB",
                 raise ImageTooLarge(f"{where}: picture is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is "
                                     f"{max_pixels / 1e6:.1f} MP (refused undecoded)")
             im.load()
-            out = to_mode(im, mode)
+            out = to_mode(_upright(im), mode)
     except DataError:
         raise
     except FileNotFoundError:
@@ -119,6 +119,15 @@ def open_image(path: str | Path | BinaryIO, source: str = "", mode: str = "RGB",
     if max_side and max(out.size) > max_side:
         out.thumbnail((max_side, max_side))
     return out
+
+
+def _upright(im):
+    """``im`` turned as its EXIF orientation tag says (phone photos are stored sideways with such a tag)."""
+    from PIL import ImageOps
+
+    if im.getexif().get(0x0112, 1) in (None, 1):  # 0x0112: Orientation; 1 = stored upright
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:

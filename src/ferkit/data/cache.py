@@ -38,7 +38,7 @@ from .base import DataError, FaceDataset, FaceRecord, open_image
 __all__ = ["DecodedImages", "attach_decode_cache", "build_decoded", "open_decoded", "cache_key"]
 
 _logger = logging.getLogger("ferkit")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EXIF orientation applied by open_image
 MAX_SIDE = 1024  # larger images are not what this cache is for (and open_image may downscale huge ones)
 # header modes stored as one grey channel (16-bit greys are scaled to 8 bits by open_image); anything else is RGB
 _GREY_MODES = frozenset({"L", "I;16", "I;16B", "I;16L", "I"})
