@@ -92,7 +92,8 @@ def open_image(path: str | Path | BinaryIO, source: str = "", mode: str = "RGB",
     Memory stays bounded: a JPEG whose long side is over ``max_side`` is decoded reduced (``draft``), then every
     image is downscaled to ``max_side`` (``thumbnail``; ``None``: never); an image that would still decode to more
     than ``max_pixels`` pixels is refused with :class:`ImageTooLarge` before decoding. Animations give their first
-    frame; an EXIF orientation tag is applied (the picture comes back upright). Any failure is a one-line :class:`DataError` naming ``source`` (default: the path).
+    frame; an EXIF orientation tag is applied (the picture comes back upright). Any failure is a one-line
+    :class:`DataError` naming ``source`` (default: the path).
     """
     from PIL import Image
 

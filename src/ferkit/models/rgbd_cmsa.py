@@ -191,7 +191,8 @@ def checkpoint_filter_fn(state: dict[str, Any], model: RGBDCMSA) -> dict[str, to
     For the face model, the layers after the last inverted residual block (``conv_head``, ``bn2``, a classifier if
     any) are dropped by name, trunk keys that do not belong to the architecture are left in place (the strict load
     then names them as unexpected), and the fusion network keeps its fresh initialisation — it is trained from
-    scratch — declared as such (:class:`FilteredState`), so the key report lists it under ``kept_fresh``. What happened is logged and kept in ``model.face_weights_report``.
+    scratch — declared as such (:class:`FilteredState`), so the key report lists it under ``kept_fresh``. What
+    happened is logged and kept in ``model.face_weights_report``.
     """
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
