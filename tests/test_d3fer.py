@@ -15,8 +15,8 @@ from ferkit.engine import Trainer
 from ferkit.engine.checkpoint import load_weights
 from ferkit.methods import build_method
 from ferkit.methods.d3fer import (
-    D3FER, MemoryQueue, class_thresholds, filter_and_correct, global_threshold, momentum_update, supcon_queue_loss,
-    symmetric_kl,
+    D3FER, MemoryQueue, class_thresholds, filter_and_correct, global_threshold, momentum_update, prior_penalty,
+    supcon_queue_loss, symmetric_kl,
 )
 
 from tiny import TinyFaces
@@ -129,6 +129,36 @@ def test_supcon_against_hand_computation():
     got = supcon_queue_loss(anchors, torch.tensor([0, 5]), keys, key_labels, t)
     assert float(got) == pytest.approx(l0, abs=1e-5)
     assert float(supcon_queue_loss(anchors, torch.tensor([7, 5]), keys, key_labels, t)) == 0.0
+
+
+def test_prior_penalty_against_hand_computation():
+    # two samples whose predictions average to [0.5, 0.5] against a prior [0.8, 0.2]
+    logits = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).log().requires_grad_(True)
+    prior = torch.tensor([0.8, 0.2])
+    want = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    got = prior_penalty(logits, prior)
+    assert float(got.detach()) == pytest.approx(want, abs=1e-6)
+    got.backward()  # descending it moves the batch-mean prediction towards the prior: class 0 up in both samples
+    assert (logits.grad[:, 0] < 0).all() and (logits.grad[:, 1] > 0).all()
+    # zero when the batch-mean prediction is the prior, whatever the single predictions
+    assert float(prior_penalty(torch.tensor([[0.6, 0.4], [1.0, 0.0]]).clamp_min(1e-9).log(), prior)) == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def test_prior_term_uses_the_queue_label_histogram():
+    b, post = _batch(), SimpleNamespace(epoch=1)
+    b["label"] = torch.tensor([0, 0, 0, 0, 1, 2])
+    plain, guarded = _method(), _method(lambda_prior=0.5)
+    out_plain, out = plain.training_step(b, post), guarded.training_step(b, post)
+    torch.testing.assert_close(guarded.queue_label_prior(), torch.tensor([4.0, 1.0, 1.0]) / 6)
+    views = torch.cat([b["image"], b["image_strong"]])
+    with torch.no_grad():
+        logits = guarded.model(views)
+    want = (prior_penalty(logits[:6], guarded.queue_label_prior()) +
+            prior_penalty(logits[6:], guarded.queue_label_prior())) / 2
+    assert float(out.logs["prior"]) == pytest.approx(float(want), abs=1e-5)
+    assert "prior" not in out_plain.logs  # off by default (SPEC 3.5 has no such term)
+    assert float(out.loss - out_plain.loss) == pytest.approx(0.5 * float(want), abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- mechanics

@@ -110,9 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise SystemExit(f"ferkit: error: --resume {run_dir}: no config.yaml (not a ferkit run directory)")
-        from ferkit.config import config_from_dict
+        from ferkit.config import run_config
 
-        cfg = config_from_dict(_strip_run_meta(run_dir, overrides))
+        cfg = run_config(run_dir, overrides)
     else:
         cfg = load_config(args.config or DEFAULT_PRESET, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -125,15 +125,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, row in (t.get("subsets") or {}).items():
             print(f"  {name:<20} n={row['n']:<5} WA {100 * row['wa']:.2f}")
     return 0
-
-
-def _strip_run_meta(run_dir: Path, overrides: list[str]) -> dict:
-    """A run's saved config carries a ``_run`` block (commit, classes); resume reads the rest as a config."""
-    from ferkit.config import _merge, _read_yaml, parse_overrides
-
-    data = _read_yaml(run_dir / "config.yaml")  # one-line ConfigError for a damaged file
-    data.pop("_run", None)
-    return _merge(data, parse_overrides(overrides)) if overrides else data
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "preset_dir", "list_presets", "parse_overrides", "to_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "run_config", "preset_dir", "list_presets", "parse_overrides",
+           "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -396,6 +397,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
     if check:
         _check_values(cfg)
     return cfg
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a run directory was trained with: its ``config.yaml`` without the ``_run`` block (commit, classes,
+    versions), plus ``overrides``. A damaged file is a one-line :class:`ConfigError`."""
+    data = _read_yaml(Path(run_dir) / "config.yaml")
+    data.pop("_run", None)
+    return config_from_dict(_merge(data, parse_overrides(overrides)) if overrides else data)
 
 
 def config_from_dict(data: dict, check: bool = True) -> Config:

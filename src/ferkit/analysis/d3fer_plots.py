@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["FILTER_METRICS", "plot_filtering_curves"]
 
@@ -28,6 +29,7 @@ def plot_filtering_curves(histories: Mapping[str, Sequence[dict]], path: str | P
                 ax.plot(*zip(*points), marker="o", label=label)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

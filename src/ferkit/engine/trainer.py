@@ -234,11 +234,14 @@ class Trainer:
         pin = self.device.type == "cuda"
         self.train_loader = make_train_loader(self.train_views, self.sampler, t.batch_size, d.num_workers,
                                               d.persistent_workers, pin)
-        self.eval_loaders = {}
-        for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
-            if ds is not None:
-                self.eval_loaders[name] = make_eval_loader(self._views(ds, {"image": "eval"}), t.eval_batch_size,
-                                                           d.num_workers, pin)
+        self.eval_loaders = {name: self.eval_loader(ds) for name, ds in (("val", self.splits.val),
+                                                                         ("test", self.splits.test)) if ds is not None}
+
+    def eval_loader(self, dataset: FaceDataset):
+        """A loader over ``dataset`` with this run's evaluation preprocessing (e.g. a held-out set scored once)."""
+        d = self.cfg.data
+        return make_eval_loader(self._views(dataset, {"image": "eval"}), self.cfg.train.eval_batch_size,
+                                d.num_workers, self.device.type == "cuda")
 
     def _setup_optim(self) -> None:
         o, t = self.cfg.optim, self.cfg.train

@@ -33,6 +33,15 @@ Choices where SPEC 3.5 is silent (ferkit's reading):
   ``method.kwargs.find_unused_parameters=true``.
 - Image-only: RGB-D models are not supported (the strong view has no paired depth).
 
+Beyond SPEC 3.5 (off by default, on in the from-scratch presets): ``lambda_prior`` adds λ_p KL(π || mean batch
+prediction), π the given-label histogram of the queue (Tanaka et al. 2018; DivideMix and FreeMatch carry the same
+guard). Every post-warm-up term is self-referential: the clean set, the corrected labels, the weak / strong agreement
+and the contrast set all come from the Query branch's own predictions. From a randomly initialised trunk the warm-up
+ends with a weak Query branch (measured on FER2013, 2,000 images, 40 % noise: 23 % train agreement), and each of
+correction alone, or SKL + SupCon alone, drove the branch onto the majority class within one epoch; the prior term
+stops that collapse. It does not make the filter informative: that takes a Query branch that ranks clean samples
+above noisy ones (see the D3FER note in README).
+
 Models: any registered classifier with ``num_classes`` and ``forward_features(x) -> (B, D)``. Logits and features
 come from one pass through ``forward_head(feat)`` (ResNet-18) or ``forward_branches(x)`` (DSAN: the fused decision of
 its Eq. 11 and the concatenated stream features); any other model costs a second pass (``model(x)``).
@@ -210,6 +219,14 @@ def supcon_queue_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: 
     return per_anchor.mean()
 
 
+def prior_penalty(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(π || p̄) with p̄ the batch-mean prediction: Σ_c π_c log(π_c / p̄_c) (Tanaka et al. 2018; DivideMix's and
+    FreeMatch's guard against self-training collapsing onto one class). ``logits`` (B, K), ``prior`` (K,) sums to 1."""
+    mean_p = logits.float().softmax(1).mean(0).clamp_min(1e-8)
+    pi = prior.float().clamp_min(1e-8)
+    return (pi * (pi.log() - mean_p.log())).sum()
+
+
 def _ce_sum(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ over ``mask`` of CE(logits_i, target_i) (targets outside the mask may be -1)."""
     if not mask.any():
@@ -255,8 +272,9 @@ class D3FER(Method):
 
     Ablation switches: ``filtering`` (off: every sample counts as clean), ``correction``, ``threshold``
     ("dynamic" queue thresholds or "fixed" ones), ``lambda_kl`` / ``lambda_contrast`` / ``lambda_correct`` (0 removes
-    the term), ``use_momentum`` (off: the Key branch is the current Query, m = 0, and inference uses the Query),
-    ``channels`` ("single": the weak view only, no weak/strong consistency).
+    the term), ``lambda_prior`` (the collapse guard above; 0 by default), ``use_momentum`` (off: the Key branch is the
+    current Query, m = 0, and inference uses the Query), ``channels`` ("single": the weak view only, no weak/strong
+    consistency).
     """
 
     train_views = {"image": "weak", "image_strong": "strong"}
@@ -264,7 +282,8 @@ class D3FER(Method):
     def __init__(self, model: nn.Module, *, momentum: float = 0.999, warmup_epochs: int = 10,
                  warmup_fraction: float | None = None, queue_batches: int = 32, temperature: float = 0.1,
                  lambda_correct: float = 1.0, lambda_kl: float = 1.0, lambda_contrast: float = 1.0,
-                 proj_dim: int = 128, proj_hidden: int | None = None, filtering: bool = True, correction: bool = True,
+                 lambda_prior: float = 0.0, proj_dim: int = 128, proj_hidden: int | None = None,
+                 filtering: bool = True, correction: bool = True,
                  threshold: Literal["dynamic", "fixed"] = "dynamic", fixed_threshold: float = 0.5,
                  fixed_correction_threshold: float = 0.9, use_momentum: bool = True,
                  channels: Literal["dual", "single"] = "dual"):
@@ -284,6 +303,7 @@ class D3FER(Method):
         self.warmup_epochs, self.warmup_fraction = warmup_epochs, warmup_fraction
         self.queue_batches, self.temperature = queue_batches, temperature
         self.lambda_correct, self.lambda_kl, self.lambda_contrast = lambda_correct, lambda_kl, lambda_contrast
+        self.lambda_prior = lambda_prior
         self.filtering, self.correction, self.threshold = filtering, correction, threshold
         self.fixed_threshold, self.fixed_correction_threshold = fixed_threshold, fixed_correction_threshold
         self.channels = channels
@@ -392,6 +412,11 @@ class D3FER(Method):
         conf = (self.queue.p_strong[valid] + self.queue.p_weak[valid]) / 2  # (Q, K) historical p̄
         return class_thresholds(conf, self.queue.labels[valid], self.num_classes), global_threshold(conf)
 
+    def queue_label_prior(self) -> torch.Tensor:
+        """π: the given-label distribution of the queue's entries (K,)."""
+        counts = torch.bincount(self.queue.labels[self.queue.valid], minlength=self.num_classes).float()
+        return counts / counts.sum().clamp_min(1.0)
+
     def select(self, conf: torch.Tensor, labels: torch.Tensor, tau_class: torch.Tensor,
                tau_global: torch.Tensor) -> FilterResult:
         """Sample filtering + label correction (Alg. 1 l. 15, Eqs. 11–15) with the configured switches."""
@@ -419,6 +444,11 @@ class D3FER(Method):
             skl = symmetric_kl(logits_w, logits_s)
             loss = loss + self.lambda_kl * skl
             logs["skl"] = skl.detach()
+        if self.lambda_prior > 0:
+            prior = self.queue_label_prior()
+            pp = sum(prior_penalty(lg, prior) for lg in views) / len(views)
+            loss = loss + self.lambda_prior * pp
+            logs["prior"] = pp.detach()
         if self.lambda_contrast > 0:
             con = self._contrastive(feat_s, sel.target, tau_class, tau_global)
             loss = loss + self.lambda_contrast * con
