@@ -40,7 +40,7 @@ and the contrast set all come from the Query branch's own predictions. From a ra
 ends with a weak Query branch (measured on FER2013, 2,000 images, 40 % noise: 23 % train agreement), and each of
 correction alone, or SKL + SupCon alone, drove the branch onto the majority class within one epoch; the prior term
 stops that collapse. It does not make the filter informative: that takes a Query branch that ranks clean samples
-above noisy ones (see the D3FER note in README).
+above noisy ones (README's label-noise row; ``bench/d3fer_filter_probe.py`` measures it on any trained run).
 
 Models: any registered classifier with ``num_classes`` and ``forward_features(x) -> (B, D)``. Logits and features
 come from one pass through ``forward_head(feat)`` (ResNet-18) or ``forward_branches(x)`` (DSAN: the fused decision of
@@ -62,7 +62,7 @@ from .base import Method, OptimizerSpec, StepOutput, register_method
 
 __all__ = [
     "D3FER", "MemoryQueue", "FilterResult", "class_thresholds", "global_threshold", "filter_and_correct",
-    "symmetric_kl", "supcon_queue_loss", "momentum_update", "projection_head",
+    "symmetric_kl", "supcon_queue_loss", "prior_penalty", "momentum_update", "projection_head",
 ]
 
 
