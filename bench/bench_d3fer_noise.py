@@ -50,7 +50,7 @@ from ferkit.engine.trainer import input_spec
 from ferkit.engine.evaluate import evaluate_predictions, predict_loader
 from ferkit.models import model_info
 
-from _common import budget_epochs, subset
+from _common import JsonLines, budget_epochs, subset
 from _common import fresh_dir
 from _common import seconds_per_sample as warm_seconds_per_sample
 
@@ -146,9 +146,8 @@ def calibrate(dataset: str, method: str, splits: DataSplits, args: argparse.Name
 # ------------------------------------------------------------------------------------------------------------------
 # one run
 # ------------------------------------------------------------------------------------------------------------------
-def score_full_test(model: torch.nn.Module, trainer: Trainer, full_test: FaceDataset, loader=None) -> dict:
-    """WA / UA / F1 (and the test subsets) of ``model`` on the whole test set."""
-    loader = loader or trainer.eval_loader(full_test)
+def score_full_test(model: torch.nn.Module, trainer: Trainer, full_test: FaceDataset, loader) -> dict:
+    """WA / UA / F1 (and the test subsets) of ``model`` on the whole test set (``loader``: over ``full_test``)."""
     pred = predict_loader(model, loader, trainer.device, flip_tta=trainer.cfg.train.flip_tta)
     return evaluate_predictions(pred, len(trainer.class_names), full_test.subsets())
 
@@ -254,7 +253,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_dataset(dataset: str, args: argparse.Namespace, out: Path) -> list[dict]:
+def bench_dataset(dataset: str, args: argparse.Namespace, out: Path, emit: JsonLines) -> list[dict]:
     probe = load_config(PRESETS[dataset], base_overrides(dataset, args))
     if dataset != "synthetic" and not Path(probe.data.root).is_dir():
         print(f"# {dataset}: no data at {probe.data.root}; skipped (set --data-root or FERKIT_DATA)", file=sys.stderr)
@@ -281,10 +280,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, out: Path) -> list[dic
             cfg = run_config(dataset, method, noise, epochs[method], steps, args)
             run_dir = out / "runs" / f"{dataset}_{method}_noise{round(100 * noise)}"
             row, trainer, pred = train_one(cfg, run_dir, splits, full_test, want_features=plots)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            with open(out / "results.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            rows.append(emit(row))
             if plots:
                 feats[(method, noise)] = pred
                 if method == "d3fer":
@@ -303,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.jsonl").unlink(missing_ok=True)
     rows = []
-    for dataset in args.datasets:
-        rows += bench_dataset(dataset, args, out)
+    with JsonLines(out / "results.jsonl") as emit:  # flushed per run: a killed bench keeps what it measured
+        for dataset in args.datasets:
+            rows += bench_dataset(dataset, args, out, emit)
     text = table(rows)
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)

@@ -14,7 +14,6 @@ accuracy near 1 / (K - 1) is a random relabelling.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,8 @@ from ferkit.config import run_config
 from ferkit.engine import Trainer
 from ferkit.engine.checkpoint import load_state
 from ferkit.methods.d3fer import class_thresholds, filter_and_correct, global_threshold
+
+from _common import JsonLines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,18 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    for run in args.runs:
-        with tempfile.TemporaryDirectory() as scratch:
-            trainer, trained = probe_trainer(run, args.threads, Path(scratch) / "probe")
-            conf, labels, seen = training_confidences(trainer)
-            true = torch.as_tensor(trainer.splits.train.targets, dtype=torch.long)
-            row = {"run": str(run), "method": trained, "noise": trainer.cfg.data.noise.rate,
-                   "n_train": int(seen.sum()), **filter_scores(conf[seen], labels[seen], true[seen])}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+    with JsonLines(args.out, mode="a") as emit:
+        for run in args.runs:
+            with tempfile.TemporaryDirectory() as scratch:
+                trainer, trained = probe_trainer(run, args.threads, Path(scratch) / "probe")
+                conf, labels, seen = training_confidences(trainer)
+                true = torch.as_tensor(trainer.splits.train.targets, dtype=torch.long)
+                rows.append(emit({"run": str(run), "method": trained, "noise": trainer.cfg.data.noise.rate,
+                                  "n_train": int(seen.sum()), **filter_scores(conf[seen], labels[seen], true[seen])}))
     print("| run | model | noise % | agreement % | true train acc % | filter P / R % (clean rate) | corrected % | "
           "correction acc % (random) |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
