@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 __all__ = [
     "REPO", "default_data_root", "run_overrides", "subset", "small_splits", "seconds_per_sample", "budget_epochs",
     "fresh_dir", "sync", "time_iters", "median_rate", "reset_peak_memory", "peak_memory_mb", "current_memory_mb",
-    "cpu_name", "JsonLines", "facts",
+    "cpu_name", "JsonLines", "facts", "write_readme_section",
 ]
 
 
@@ -230,3 +230,16 @@ class JsonLines:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def write_readme_section(marker: str, text: str, readme: Path = REPO / "README.md") -> None:
+    """Replace what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in README (atomically)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    content = readme.read_text(encoding="utf-8")
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme}: markers {start} / {end} not found")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
+    os.replace(tmp, readme)

@@ -40,8 +40,9 @@ def probe_trainer(run: Path, threads: int, scratch: Path) -> tuple[Trainer, str]
     """A D3FER trainer over the run's data and noise (weak + strong views) holding the run's (Query) model, and the
     method the run was trained with."""
     cfg = run_config(run, [f"train.threads={threads}", "train.progress=false", "train.tensorboard=false"])
-    if cfg.data.noise.rate <= 0:
-        raise SystemExit(f"{run}: no label noise in this run (data.noise.rate = 0); nothing to score the filter on")
+    if cfg.data.noise.rate <= 0 and not cfg.data.noise.file:
+        raise SystemExit(f"{run}: no label noise in this run (data.noise.rate = 0, no data.noise.file); "
+                         "nothing to score the filter on")
     trained = cfg.method.name
     cfg.method.name, cfg.method.kwargs = "d3fer", {}
     trainer = Trainer(cfg, scratch)
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as scratch:
                 trainer, trained = probe_trainer(run, args.threads, Path(scratch) / "probe")
                 conf, labels, seen = training_confidences(trainer)
-                true = torch.as_tensor(trainer.splits.train.targets, dtype=torch.long)
-                rows.append(emit({"run": str(run), "method": trained, "noise": trainer.cfg.data.noise.rate,
+                clean = trainer.splits.train.clean_targets  # a noisy label list: the dataset's labels are noisy
+                true = torch.as_tensor(trainer.splits.train.targets if clean is None else clean, dtype=torch.long)
+                noise = len(trainer.noisy_indices) / len(trainer.train_labels)
+                rows.append(emit({"run": str(run), "method": trained, "noise": noise,
                                   "n_train": int(seen.sum()), **filter_scores(conf[seen], labels[seen], true[seen])}))
     print("| run | model | noise % | agreement % | true train acc % | filter P / R % (clean rate) | corrected % | "
           "correction acc % (random) |\n|---|---|---:|---:|---:|---:|---:|---:|")

@@ -273,8 +273,8 @@ def _csv(path: Path) -> list[dict]:
 
 def test_cli_predict_folder_resumes_and_annotates(ckpt, photo_dir, tmp_path):
     out, ann = tmp_path / "pred.csv", tmp_path / "annotated"
-    args = ["predict", str(ckpt), str(photo_dir), "--out", str(out), "--detector", "haar", "--batch-size", "2",
-            "--annotate", str(ann)]
+    args = ["predict", str(ckpt), str(photo_dir), "--out", str(out), "--faces", "detect", "--detector", "haar",
+            "--batch-size", "2", "--annotate", str(ann)]
     assert main(args) == 0
     rows = _csv(out)
     assert len(rows) == 5 and sum(r["status"] == "ok" for r in rows) == 3

@@ -46,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                         "matrix (POSTER's test script, seed 004 §3.3)")
 
     p = sub.add_parser("predict", help="classify the faces in photos, folders, videos or a webcam")
-    p.add_argument("checkpoint", help="run directory or .safetensors checkpoint")
-    p.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="run directory, .safetensors checkpoint or weights name (ferkit:resnet18-fer7); optional: "
+                        "without one the built-in model is used")
+    p.add_argument("paths", nargs="*", help="image files or folders (recursive)")
     p.add_argument("--out", default=None, help="output .csv or .jsonl (default: CSV on stdout)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -145,8 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = config_from_dict(_merge(meta["config"], parse_overrides(overrides)) if overrides else meta["config"])
     ds = build_dataset(cfg.data, args.split or cfg.data.test_split)
     if ds.class_names != meta["class_names"]:
-        raise SystemExit(f"ferkit: error: dataset classes {ds.class_names} differ from the checkpoint's "
-                         f"{meta['class_names']} (cross-dataset evaluation needs a label_map)")
+        model, ds = _cross_dataset(model, meta, ds)
     tf = build_transform("eval", meta["input_size"][-1], meta["mean"], meta["std"], cfg.data.augment,
                          grayscale=meta.get("grayscale", False))
     loader = make_eval_loader(SeededViews(ds, {"image": tf}), cfg.train.eval_batch_size, cfg.data.num_workers)
@@ -163,6 +164,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if rows is not None:
             print(_per_image_text(rows, m["confusion"], ds.class_names))
     return 0
+
+
+def _cross_dataset(model, meta: dict, ds):
+    """Score a model on a dataset with other class names: outputs mapped onto the dataset's classes by name
+    (:func:`ferkit.labels.label_map`); samples of classes the model lacks (contempt for a 7-class model) are left
+    out, said in one line."""
+    from ferkit.data.mixture import Mixture
+    from ferkit.engine.evaluate import ClassSelect
+    from ferkit.labels import label_map
+
+    try:
+        mapping = label_map(ds.class_names, meta["class_names"])  # dataset index -> model output
+    except KeyError as e:
+        raise SystemExit(f"ferkit: error: cross-dataset evaluation: {e.args[0]}") from None
+    kept = [i for i in range(len(ds.class_names)) if i in mapping]
+    if not kept:
+        raise SystemExit(f"ferkit: error: {ds.name} has no class the model knows ({meta['class_names']})")
+    lacking = [n for i, n in enumerate(ds.class_names) if i not in mapping]
+    print(f"cross-dataset evaluation: the model's classes {meta['class_names']} mapped by name onto the dataset's "
+          f"{ds.class_names}" + (f"; samples of {lacking} left out (the model has no such class)" if lacking else ""))
+    if lacking:
+        ds = Mixture([ds], [ds.class_names[i] for i in kept], ds.split)
+    return ClassSelect(model, [mapping[i] for i in kept]), ds
 
 
 def _per_image_rows(pred, ds) -> list[dict]:
@@ -223,9 +247,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ferkit.models import list_models
+    from ferkit.models import list_models, list_weights
 
-    print("\n".join(list_models()))
+    print("architectures:\n  " + "\n  ".join(list_models()))
+    weights = list_weights()
+    print("\nweights (model.pretrained=NAME, ferkit predict/serve/export/eval NAME):")
+    for w in weights:
+        classes = len(w["classes"] or [])
+        print(f"  {w['name']:<28} {w['origin']:<8} {w['model']}, {classes} classes, "
+              f"{(w['input_size'] or ['?'])[-1]} px, {w['mb']} MB  {w['summary']}")
+    if not weights:
+        print("  none")
     return 0
 
 

@@ -38,6 +38,9 @@ class AugmentConfig:
 class NoiseConfig:
     rate: float = 0.0  # fraction of training labels flipped to another class (SPEC 2.3)
     seed: int = 0
+    # or a published noisy label list read in place of the clean one (RAF-DB's EmoLabel/noise03.txt; path absolute or
+    # relative to data.root); the samples whose label differs from the clean list are recorded as flipped
+    file: str | None = None
 
 
 @dataclass
@@ -123,7 +126,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     accum_steps: int = 1
     clip_grad: float = 0.0  # max grad norm; 0 = off
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: fp16 + GradScaler on CUDA, off on CPU
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: fp16 + GradScaler on CUDA, bf16 on native-bf16 CPUs
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch default
     select_metric: Literal["wa", "ua", "f1", "loss"] = "wa"
@@ -228,13 +231,26 @@ def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: must be a preset name")
-    return _merge(_load_raw(base, seen + (str(path),)), data)
+    return _merge_preset(_load_raw(base, seen + (str(path),)), data)
 
 
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _merge_preset(base: dict, child: dict) -> dict:
+    """A child preset over its base; a model or method that names another constructor than the base's does not
+    inherit the base's ``kwargs`` (they belong to the base's constructor: d3fer takes no label_smoothing)."""
+    out = _merge(base, child)
+    for section in ("model", "method"):
+        mine, theirs = child.get(section), base.get(section)
+        if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+            continue
+        if mine.get("name", theirs.get("name")) != theirs.get("name"):
+            out[section] = {**out[section], "kwargs": dict(mine.get("kwargs") or {})}
     return out
 
 
@@ -284,6 +300,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and ("off" if value is False else "on") in allowed:
+            value = "off" if value is False else "on"  # YAML 1.1 reads a bare off / on as a boolean
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
@@ -366,6 +384,8 @@ def _check_values(cfg: Config) -> None:
     need(d.input_size is None or d.input_size >= 16, "data.input_size", "must be >= 16", d.input_size)
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
     need(0 <= d.noise.rate < 1, "data.noise.rate", "must be in [0, 1)", d.noise.rate)
+    need(not (d.noise.file and d.noise.rate > 0), "data.noise.file", "is a noisy label list; it cannot be combined "
+         "with synthetic noise (data.noise.rate > 0)", d.noise.file)
     need(0 <= d.augment.erasing <= 1, "data.augment.erasing", "must be a probability", d.augment.erasing)
     need(d.synthetic.num_classes in (7, 8), "data.synthetic.num_classes", "must be 7 or 8", d.synthetic.num_classes)
     need((d.mean is None) == (d.std is None), "data.std", "mean and std must be given together", d.std)
@@ -381,7 +401,13 @@ def _check_values(cfg: Config) -> None:
     need(cfg.model.name in list_models(), "model.name", f"unknown model (known: {', '.join(list_models())})",
          cfg.model.name)
     if cfg.model.pretrained is not None:
-        need(Path(cfg.model.pretrained).is_file(), "model.pretrained", "weights file not found", cfg.model.pretrained)
+        from ferkit.models.weights import WeightsNotFound, resolve_weights
+
+        try:
+            found = resolve_weights(cfg.model.pretrained).is_file()
+        except WeightsNotFound:
+            found = False
+        need(found, "model.pretrained", "weights file not found (nor a ferkit: name)", cfg.model.pretrained)
     from ferkit.methods import list_methods
     need(cfg.method.name in list_methods(), "method.name", f"unknown method (known: {', '.join(list_methods())})",
          cfg.method.name)

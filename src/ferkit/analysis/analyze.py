@@ -203,7 +203,7 @@ def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, *, tsne: bool
 
 def _has_noise(run: RunRecord) -> bool:
     logged = any(v is not None for rec in run.history for v in noise_metrics(rec).values())
-    return float(run.cfg("data.noise.rate", 0) or 0) > 0 or logged
+    return run.noise_rate > 0 or logged
 
 
 def _compare_tsne(runs: Sequence[RunRecord], out: Path, max_points: int) -> list[str]:

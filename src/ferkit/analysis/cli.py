@@ -141,7 +141,8 @@ def _stats_splits(args: argparse.Namespace) -> tuple[dict, str]:
         d = cfg.data
         names = {"train": d.train_split, "test": d.test_split, **({"val": d.val_split} if d.val_split else {})}
         names = {k: names.get(k, k) for k in (wanted or names)}
-        return {k: build_dataset(d, v) for k, v in names.items()}, f"{cfg.name} ({d.dataset})"
+        return ({k: build_dataset(d, v, train=k == "train") for k, v in names.items()},  # train reads noise.file
+                f"{cfg.name} ({d.dataset})")
     if len(args.target) != 2:
         raise ValueError("ferkit data stats: give --config PRESET or DATASET ROOT")
     from ferkit.data.adapters import build_dataset as build_adapter

@@ -36,6 +36,8 @@ class SplitStats:
     sources: list[str] = field(default_factory=list)  # record source, relative to the dataset root when inside it
     hashed_on: str = ""  # "file bytes", "pixels" or a mix
     labels: list[int] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows the protocol left out, by reason (FERPlus votes)
+    flipped: int | None = None  # labels differing from the clean list (a published noisy list), None: none given
 
     @property
     def n(self) -> int:
@@ -76,7 +78,8 @@ def split_stats(ds: FaceDataset, *, hash_images: bool = True) -> SplitStats:
     return SplitStats(ds.split or "?", list(ds.class_names), counts, per_class,
                       None if subjects is None else len({s for s in subjects if s is not None}), sizes, hashes,
                       [_short(r.source, ds.root) for r in ds.records], " + ".join(sorted(kinds)) if hash_images else "",
-                      targets.tolist())
+                      targets.tolist(), dict(getattr(ds, "dropped", {}) or {}),
+                      None if ds.clean_targets is None else int((ds.clean_targets != targets).sum()))
 
 
 def _short(source: str, root: Path | None) -> str:
@@ -141,6 +144,16 @@ def stats_markdown(stats: Sequence[SplitStats], duplicates: list[list[tuple[str,
             for i, c in enumerate(names)]
     rows.append(["**total**"] + [s.n for s in stats] + ["100.0"] * len(stats))
     lines += ["## Class distribution", ""] + _md_table(header, rows) + [""]
+    for s in stats:
+        if s.dropped:
+            lines.append(f"- {s.split}: {s.n + sum(s.dropped.values())} rows, {sum(s.dropped.values())} left out by "
+                         "the protocol (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")")
+        if s.flipped is not None:
+            share = 100 * s.flipped / max(s.n, 1)
+            lines.append(f"- {s.split}: labels from a noisy list; {s.flipped} of {s.n} ({share:.2f} %) differ from the "
+                         "clean list (the counts above are the noisy labels)")
+    if any(s.dropped or s.flipped is not None for s in stats):
+        lines.append("")
     if plot:
         lines += [f"![class distribution]({plot})", ""]
     with_subjects = [s for s in stats if s.subjects_per_class is not None]

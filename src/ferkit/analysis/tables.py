@@ -53,6 +53,18 @@ class RunRecord:
         return node
 
     @property
+    def noise_rate(self) -> float:
+        """Fraction of flipped training labels: synthetic (``data.noise.rate``) or, for a noisy label list
+        (``data.noise.file``), the fraction the run measured against the clean list (``noise.json``)."""
+        rate = float(self.cfg("data.noise.rate", 0.0) or 0.0)
+        if rate > 0 or not self.cfg("data.noise.file"):
+            return rate
+        try:
+            return float(json.loads((self.path / "noise.json").read_text(encoding="utf-8"))["rate"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.cfg("_run.classes") or [])
 
@@ -223,11 +235,11 @@ def noise_table(runs: Sequence[RunRecord]) -> str:
     """One row per run ordered by noise rate: final test WA / UA and, where the method logs them (D3FER:
     ``filter_precision``, ``filter_recall``, ``correction_acc``), the last logged epoch's noise-detection precision /
     recall and label-correction accuracy (seed 000 protocol)."""
-    ordered = sorted(runs, key=lambda r: (float(r.cfg("data.noise.rate", 0.0) or 0.0), r.cfg("method.name", "")))
+    ordered = sorted(runs, key=lambda r: (r.noise_rate, r.cfg("method.name", "")))
     rows = []
     for r in ordered:
         nm = _last_noise_metrics(r.history)
-        rows.append([f"`{r.name}`", r.cfg("method.name", "-"), f"{100 * float(r.cfg('data.noise.rate', 0.0) or 0):.0f}",
+        rows.append([f"`{r.name}`", r.cfg("method.name", "-"), f"{100 * r.noise_rate:.0f}",
                      _pct(r.test.get("wa")), _pct(r.test.get("ua")), _pct(nm["precision"]), _pct(nm["recall"]),
                      _pct(nm["correction"])])
     return _md(["run", "method", "noise %", "test WA %", "test UA %", "filter precision %", "filter recall %",

@@ -582,7 +582,7 @@ def jaffe(root: str | Path, split: str = "all", *, skip_bad: bool = False) -> Ad
 # --------------------------------------------------------------------------------------------------------------
 _FER_USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
 # split -> its aliases, which are also the folder names looked for (case-insensitive), in order
-_FER_SPLITS = {"train": ("train", "training"), "val": ("val", "publictest", "validation"),
+_FER_SPLITS = {"train": ("train", "training"), "val": ("val", "valid", "publictest", "validation"),
                "test": ("test", "privatetest")}
 
 
@@ -662,31 +662,79 @@ _FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgu
 _FERPLUS_DIRS = {"Training": "FER2013Train", "PublicTest": "FER2013Valid", "PrivateTest": "FER2013Test"}
 
 
-def _ferplus_vote(votes: np.ndarray, rule: str) -> tuple[int | None, str, np.ndarray]:
-    """(label or None, drop reason, soft label over the 8 emotions) from the 10 vote counts.
+_FERPLUS_MODES = ("majority", "probability")
 
-    ``plurality`` (default, what most FER papers use): the most-voted of the 10 columns; a tie for the top,
-    an unknown or NF top, or no votes drop the row. ``official``: Barsoum et al.'s "majority" mode — single
-    votes removed as outliers, then the top must hold more than half of the remaining votes.
+
+def _ferplus_vote(votes: np.ndarray, rule: str = "plurality", mode: str = "majority",
+                  classes: int = 8) -> tuple[int | None, str, np.ndarray]:
+    """(label or None, drop reason, soft label over the ``classes`` emotions) from the 10 vote counts.
+
+    ``mode="majority"`` (Barsoum et al. 2016's majority voting, what most FER papers use) with ``rule``:
+    ``plurality`` (default): the most-voted of the 10 columns; a tie for the top, an unknown or NF top, or no votes
+    drop the row. ``official``: single votes removed as outliers first, then the top must hold more than half of the
+    remaining votes. ``classes=7`` (EAC's 7-class FERPlus) also drops rows whose winner is contempt.
+
+    ``mode="probability"`` (the paper's probability / cross-entropy training): single votes removed as outliers
+    (as the official ``ferplus.py`` does), the target is the distribution of the remaining emotion votes (contempt
+    left out and the rest renormalised with ``classes=7``); rows whose top is unknown / NF or that keep no emotion
+    vote are dropped; the hard label (for metrics) is the distribution's argmax, the first on a tie. ferkit's
+    reading: the official code also truncates the distribution to its top 3 emotions covering 75 % of the votes;
+    ferkit keeps the whole distribution after outlier removal, which is the plain "probability" of the paper's text.
     """
     votes = votes.astype(np.float64)
-    if rule == "official":
+    if rule == "official" or mode == "probability":
         votes = np.where(votes <= 1.0, 0.0, votes)
-    emotions = votes[:8]
+    emotions = votes[:classes]
     soft = (emotions / emotions.sum() if emotions.sum() > 0 else emotions).astype(np.float32)
     total, top = votes.sum(), votes.max()
     if total <= 0:
         return None, "no votes", soft
+    winners = np.flatnonzero(votes == top)
+    if mode == "probability":
+        if winners[0] >= 8:
+            return None, "unknown / NF majority", soft
+        if emotions.sum() <= 0:
+            return None, "no emotion votes", soft
+        return int(np.argmax(soft)), "", soft
     if rule == "official" and top <= 0.5 * total:
         return None, "no majority (official rule)", soft
-    winners = np.flatnonzero(votes == top)
     if len(winners) > 1:
         return None, "tie", soft
     if winners[0] == 8:
         return None, "unknown majority", soft
     if winners[0] == 9:
         return None, "not-a-face (NF) majority", soft
+    if winners[0] >= classes:
+        return None, "contempt (7-class set)", soft
     return int(winners[0]), "", soft
+
+
+def _ferplus_label_rows(path: Path, bad: BadEntries) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Rows of a generated-layout ``label.csv`` (no header: ``fer0000000.png,"(0, 0, 48, 48)",v1..v10``) as
+    ``("<path>:<line>", image name, 10 vote counts)``; malformed rows are bad entries naming file and line."""
+    _require_content(path)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                source, parsed = f"{path}:{reader.line_num}", None
+                with bad.entry():
+                    if len(fields) != 12:
+                        _fail(source, f"malformed line: {len(fields)} fields, expected 12 "
+                                      "(image name, face box, 10 vote counts)")
+                    counts = np.array([_int_field(v, source, f"{c} vote count")
+                                       for v, c in zip(fields[2:], _FERPLUS_VOTES)])
+                    if counts.min() < 0:
+                        _fail(source, "negative vote count")
+                    parsed = (source, fields[0].strip(), counts)
+                if parsed is not None:
+                    yield parsed
+        except UnicodeDecodeError:
+            raise DataError(text_problem(path) or f"{path}: not UTF-8 text") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num + 1}: malformed CSV ({e})") from None
 
 
 def _ferplus_pixels(fer_csv: Path, wanted: dict[int, FaceRecord], bad: BadEntries) -> dict[int, np.ndarray]:
@@ -715,22 +763,37 @@ def _ferplus_pixels(fer_csv: Path, wanted: dict[int, FaceRecord], bad: BadEntrie
 
 def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv: str | Path | None = None,
             fer2013_csv: str | Path | None = None, image_dir: str | Path | None = None,
-            vote: str = "plurality") -> AdapterDataset:
-    """FERPlus: ``fer2013new.csv`` (Usage, Image name, 8 emotion vote counts, unknown, NF) over FER2013.
+            vote: str = "plurality", label_mode: str = "majority", classes: int = 8) -> AdapterDataset:
+    """FERPlus in either published form:
 
-    Images come from ``fer2013.csv`` (``fer2013_csv=`` or ``<root>/fer2013.csv``; same row order) when present,
-    else from an image folder (``image_dir=``, default ``root``; ``FER2013Train|Valid|Test/<Image name>`` or
-    ``<Image name>`` directly). Label = majority vote (``vote="plurality"|"official"``, see
-    :func:`_ferplus_vote`); ties, unknown / NF majorities and rows without an image name are *dropped* and counted
-    in ``dataset.dropped``. ``record.meta["soft_label"]`` (and ``sample["soft_label"]``) holds the vote
-    distribution over the 8 emotions. Classes: LABEL_SPACES["ferplus"].
+    * the generated-image layout of Microsoft's ``generate_training_data.py``: ``<root>/FER2013{Train,Valid,Test}/``
+      with the PNGs and a header-less ``label.csv`` (image name, face box, 10 vote counts); used when ``root`` holds
+      no ``fer2013new.csv`` (and no ``labels_csv`` is given);
+    * ``fer2013new.csv`` (Usage, Image name, 8 emotion vote counts, unknown, NF) over FER2013: images from
+      ``fer2013.csv`` (``fer2013_csv=`` or ``<root>/fer2013.csv``; same row order) when present, else from an image
+      folder (``image_dir=``, default ``root``; ``FER2013Train|Valid|Test/<Image name>`` or ``<Image name>``).
+
+    Labels (:func:`_ferplus_vote`): ``label_mode="majority"`` (``vote="plurality"|"official"``) or
+    ``"probability"`` (soft targets; train with ``method.kwargs.soft_targets=true``); ``classes=8`` (with
+    contempt) or ``7`` (EAC's set, contempt dropped). Dropped rows are counted by reason in ``dataset.dropped``.
+    ``record.meta["soft_label"]`` (and ``sample["soft_label"]``) holds the vote distribution over the classes.
     """
     if vote not in ("plurality", "official"):
         raise DataError(f"ferplus: unknown vote rule {vote!r}; known: plurality, official")
+    if label_mode not in _FERPLUS_MODES:
+        raise DataError(f"ferplus: unknown label_mode {label_mode!r}; known: {', '.join(_FERPLUS_MODES)}")
+    if classes not in (7, 8):
+        raise DataError(f"ferplus: classes must be 8 (with contempt) or 7 (without), got {classes!r}")
+    rule = dict(rule=vote, mode=label_mode, classes=classes)
+    class_names = LABEL_SPACES["ferplus"][:classes]
     path = _as_path(root, "ferplus")
     root = path.parent if path.is_file() else _require_dir(path, "ferplus")
-    labels_path = path if path.is_file() else _opt_file(root, labels_csv, ("fer2013new.csv",), "FERPlus labels")
     usage = _FER_USAGE[_canonical_split(split, _FER_SPLITS, "ferplus")]
+    if not path.is_file() and labels_csv is None and fer2013_csv is None and not (root / "fer2013new.csv").is_file():
+        generated = _find_child(root, (_FERPLUS_DIRS[usage],))
+        if generated is not None and (generated / "label.csv").is_file():
+            return _ferplus_generated(root, generated, split, class_names, rule, BadEntries(skip_bad))
+    labels_path = path if path.is_file() else _opt_file(root, labels_csv, ("fer2013new.csv",), "FERPlus labels")
     pixel_csv = None
     if image_dir is None:
         pixel_csv = (_opt_file(root, fer2013_csv, (), "fer2013.csv") if fer2013_csv is not None
@@ -745,7 +808,7 @@ def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv:
             counts = np.array([_int_field(row[c], source, f"{c} vote count") for c in _FERPLUS_VOTES])
             if counts.min() < 0:
                 _fail(source, "negative vote count")
-            label, reason, soft = _ferplus_vote(counts, vote)
+            label, reason, soft = _ferplus_vote(counts, **rule)
             if not row["Image name"].strip():
                 reason = "no image name"
             if reason:
@@ -758,7 +821,7 @@ def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv:
     if pixel_csv is not None:
         pixels = _ferplus_pixels(pixel_csv, wanted, bad)
         kept = [i for i in wanted if i in pixels]
-        return _pixel_dataset("ferplus", root, split, LABEL_SPACES["ferplus"], bad, [wanted[i] for i in kept],
+        return _pixel_dataset("ferplus", root, split, class_names, bad, [wanted[i] for i in kept],
                               [pixels[i] for i in kept], **common)
     images = Path(image_dir).expanduser() if image_dir is not None else root
     sub = _find_child(images, (_FERPLUS_DIRS[usage],)) or images
@@ -768,8 +831,28 @@ def ferplus(root: str | Path, split: str, *, skip_bad: bool = False, labels_csv:
             r.path = str(_checked_file(sub, r.meta["image_name"], r.source))
             records.append(r)
     records = _keep_readable(records, bad)
-    return AdapterDataset("ferplus", records, LABEL_SPACES["ferplus"], split=split, root=root,
-                          skipped=bad.skipped, **common)
+    return AdapterDataset("ferplus", records, class_names, split=split, root=root, skipped=bad.skipped, **common)
+
+
+def _ferplus_generated(root: Path, folder: Path, split: str, class_names: Sequence[str], rule: dict[str, Any],
+                       bad: BadEntries) -> AdapterDataset:
+    """The generated-image layout: ``folder/label.csv`` rows over ``folder/<image name>``."""
+    dropped: Counter = Counter()
+    seen = _FirstSeen("image name")
+    records = []
+    for source, name, counts in _ferplus_label_rows(folder / "label.csv", bad):
+        with bad.entry():
+            label, reason, soft = _ferplus_vote(counts, **rule)
+            if reason:
+                dropped[reason] += 1
+                continue
+            seen.check(name, source)
+            path = _checked_file(folder, name, source)
+            records.append(FaceRecord(path=str(path), label=label, source=source,
+                                      meta={"soft_label": soft, "image_name": name}))
+    records = _keep_readable(records, bad)
+    return AdapterDataset("ferplus", records, class_names, split=split, root=root, skipped=bad.skipped,
+                          dropped=dict(dropped), sample_keys=("soft_label",))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -843,9 +926,30 @@ def _raf_flags(records: list[FaceRecord], all_stems: set[str], bad: BadEntries, 
     return {_RAF_LISTS[kind][0]: _RAF_LISTS[kind][1] for kind in given}
 
 
+def _raf_noisy_labels(records: list[FaceRecord], path: Path, bad: BadEntries) -> None:
+    """Replace the training labels by those of a noisy list; ``meta["clean_label"]`` keeps the clean one. The list
+    must name every training image once and nothing else (a list of another release would flip silently)."""
+    by_stem = {r.meta["stem"]: r for r in records}
+    seen = _FirstSeen("image")
+    for source, fields in _text_lines(path):
+        with bad.entry():
+            name, label = _raf_entry(fields, source)
+            stem = _raf_stem(name)
+            seen.check(stem, source)
+            record = by_stem.get(stem)
+            if record is None:
+                _fail(source, f"{name!r} is not a training image of the clean list")
+            record.meta["clean_label"] = record.label
+            record.label = label
+    unlisted = [r for r in records if "clean_label" not in r.meta]
+    if unlisted:
+        raise DataError(f"{path}: lists {len(records) - len(unlisted)} of {len(records)} training images; "
+                        f"missing {unlisted[0].meta['stem']!r} (and {len(unlisted) - 1} more)")
+
+
 def rafdb(root: str | Path, split: str, *, skip_bad: bool = False, list_file: str | Path | None = None,
           aligned: bool = True, occlusion_list: str | Path | None = None, pose30_list: str | Path | None = None,
-          pose45_list: str | Path | None = None) -> AdapterDataset:
+          pose45_list: str | Path | None = None, noise_file: str | Path | None = None) -> AdapterDataset:
     """RAF-DB basic: ``EmoLabel/list_patition_label.txt`` (``train_00001.jpg 5``, labels 1..7 -> 0..6 in
     LABEL_SPACES["rafdb"] order), images ``Image/aligned/<stem>_aligned.jpg`` (``aligned=False``:
     ``Image/original/<name>``). Splits ``train``, ``test`` (or ``all``).
@@ -854,6 +958,10 @@ def rafdb(root: str | Path, split: str, *, skip_bad: bool = False, list_file: st
     (``test_0003_aligned 3 4`` = name, 0-based label, occlusion type), ``pose30_list`` / ``pose45_list`` (one name
     per line). :meth:`subsets` then returns the boolean masks ``occluded``, ``pose>30``, ``pose>45``;
     ``sample["occlusion"]`` holds the occlusion type (0 = not listed).
+
+    ``noise_file`` (training split only; e.g. ``EmoLabel/noise03.txt``, the noisy-label lists EAC, SCN and RUL train
+    on, same line format): its labels replace the clean ones; it must list exactly the training images. Each record
+    keeps its clean label in ``meta["clean_label"]`` (``FaceDataset.clean_targets``), so the flipped samples are known.
     """
     root = _require_dir(root, "rafdb")
     want = None if str(split).strip().lower() == "all" else _canonical_split(split, _RAF_SPLITS, "rafdb")
@@ -881,6 +989,10 @@ def rafdb(root: str | Path, split: str, *, skip_bad: bool = False, list_file: st
                 continue
             records.append(FaceRecord(path=str(_existing(path, source)), label=label, source=source,
                                       meta={"stem": stem}))
+    if noise_file is not None:
+        if want != "train":
+            raise DataError(f"rafdb: noise_file replaces training labels; split {split!r} is not the training split")
+        _raf_noisy_labels(records, _opt_file(root, noise_file, (), "RAF-DB noisy label list"), bad)
     flags = _raf_flags(records, all_stems, bad, lists, labels_path) if any(lists.values()) else {}
     records = _keep_readable(records, bad)
     return AdapterDataset("rafdb", records, LABEL_SPACES["rafdb"], split=split, root=root, skipped=bad.skipped,

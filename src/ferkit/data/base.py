@@ -191,6 +191,13 @@ class FaceDataset(Dataset):
         subj = [r.subject for r in self.records]
         return None if all(s is None for s in subj) else np.asarray(subj, dtype=object)
 
+    @property
+    def clean_targets(self) -> np.ndarray | None:
+        """Clean labels where the labels were read from a published noisy list (RAF-DB's noise0N.txt), else None."""
+        if not self.records or "clean_label" not in self.records[0].meta:
+            return None
+        return np.fromiter((r.meta["clean_label"] for r in self.records), dtype=np.int64, count=len(self.records))
+
     def meta_column(self, key: str, default: Any = None) -> np.ndarray:
         return np.asarray([r.meta.get(key, default) for r in self.records], dtype=object)
 

@@ -21,7 +21,7 @@ def known_datasets() -> list[str]:
     from .adapters import ADAPTERS
     from .rgbd import RGBD_ADAPTERS
 
-    return sorted({"synthetic", *ADAPTERS, *RGBD_ADAPTERS})
+    return sorted({"synthetic", "mixture", *ADAPTERS, *RGBD_ADAPTERS})
 
 
 def synthetic_config(d: DataConfig, split: str):
@@ -37,7 +37,8 @@ def synthetic_config(d: DataConfig, split: str):
                            low_light_prob=s.low_light_prob, seed=s.seed)
 
 
-def build_dataset(d: DataConfig, split: str, progress: bool = False) -> FaceDataset:
+def build_dataset(d: DataConfig, split: str, progress: bool = False, *, train: bool = False) -> FaceDataset:
+    """The dataset of ``split``; ``train``: the training split, which reads ``data.noise.file`` where given."""
     if d.dataset == "synthetic":
         from .synthetic import SyntheticFaces
 
@@ -46,17 +47,43 @@ def build_dataset(d: DataConfig, split: str, progress: bool = False) -> FaceData
     from .adapters import build_dataset as build_adapter
     from .rgbd import RGBD_ADAPTERS, build_rgbd_dataset
 
+    if d.dataset == "mixture":
+        return _mixture(d, split, progress)
     if d.dataset in RGBD_ADAPTERS:  # RGB-D sets of seed 002 (BU-3DFE, Bosphorus, CalD3rMenD3s, merged)
         ds = build_rgbd_dataset(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
     elif d.root is None:
         raise ValueError(f"data.root: dataset {d.dataset!r} needs a root directory")
     else:
-        ds = build_adapter(d.dataset, d.root, split, skip_bad=d.skip_bad, **d.options)
+        options = dict(d.options)
+        if train and d.noise.file:
+            options["noise_file"] = d.noise.file
+        ds = build_adapter(d.dataset, d.root, split, skip_bad=d.skip_bad, **options)
+    return _decode_once(ds, d, progress)
+
+
+def _decode_once(ds: FaceDataset, d: DataConfig, progress: bool) -> FaceDataset:
     if d.decode_cache:
         from .cache import attach_decode_cache
 
         attach_decode_cache(ds, cache_dir() / "decoded", progress=progress)
     return ds
+
+
+def _mixture(d: DataConfig, split: str, progress: bool) -> FaceDataset:
+    """``data.dataset: mixture`` (:mod:`ferkit.data.mixture`): ``data.options`` holds ``parts`` and ``classes``."""
+    from .adapters import build_dataset as build_adapter
+    from .mixture import build_mixture
+
+    unknown = sorted(set(d.options) - {"parts", "classes"})
+    if unknown:
+        raise ValueError(f"data.options.{unknown[0]}: a mixture takes only 'parts' and 'classes'")
+    if "classes" not in d.options:
+        raise ValueError("data.options.classes: a mixture needs the label space to map its parts into (e.g. fer2013)")
+
+    def part(dataset, root, part_split, skip_bad, options):
+        return _decode_once(build_adapter(dataset, root, part_split, skip_bad=skip_bad, **options), d, progress)
+
+    return build_mixture(d.options.get("parts") or [], d.options["classes"], split, skip_bad=d.skip_bad, build=part)
 
 
 @dataclass
@@ -79,7 +106,7 @@ def _limit(ds: FaceDataset, n: int, seed: int, split: str) -> FaceDataset:
 
 
 def build_splits(d: DataConfig, seed: int = 0, progress: bool = False) -> DataSplits:
-    train = build_dataset(d, d.train_split, progress)
+    train = build_dataset(d, d.train_split, progress, train=True)
     test = build_dataset(d, d.test_split, progress)
     val = build_dataset(d, d.val_split, progress) if d.val_split else None
     if val is None and d.val_fraction > 0:

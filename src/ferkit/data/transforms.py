@@ -19,7 +19,7 @@ from ferkit.config import AugmentConfig
 __all__ = ["SampleTransform", "build_transform", "DEPTH_MEAN_STD"]
 
 DEPTH_MEAN_STD = (0.5, 0.25)  # default depth normalisation (depth maps in [0, 1]); RGB-D protocols set per-fold stats
-_NUMERIC_KEYS = ("label", "index", "yaw", "pitch", "intensity", "noisy", "true_label")
+_NUMERIC_KEYS = ("label", "index", "yaw", "pitch", "intensity", "noisy", "true_label", "soft_label")
 
 
 class SampleTransform:

@@ -24,6 +24,7 @@ import torch
 from ferkit._files import remove_stale_temps
 
 __all__ = ["CheckpointError", "STALE_TEMP_S", "atomic_write_bytes", "save_weights", "load_weights", "read_metadata",
+           "save_part",
            "save_state", "load_state", "capture_rng", "restore_rng"]
 
 
@@ -114,6 +115,18 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
     meta = read_metadata(path)
     return load_file(str(path)), meta
+
+
+def save_part(src: str | Path, dst: str | Path, prefix: str, **metadata: Any) -> dict[str, Any]:
+    """Write the tensors of checkpoint ``src`` whose names start with ``prefix`` (a trunk: ``features.``) to ``dst``,
+    with ``src``'s metadata plus ``metadata`` and the name of the source; returns that metadata."""
+    state, meta = load_weights(src)
+    part = {k: v for k, v in state.items() if k.startswith(prefix)}
+    if not part:
+        raise CheckpointError(f"{src}: no tensor named {prefix}*")
+    meta = {**meta, **metadata, "part_of": str(src), "part_prefix": prefix}
+    save_weights(dst, part, meta)
+    return meta
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

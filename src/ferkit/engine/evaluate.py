@@ -12,7 +12,7 @@ from torch import nn
 from .distributed import DistInfo, all_gather_cat
 from .metrics import classification_metrics
 
-__all__ = ["Predictions", "predict_loader", "evaluate_predictions", "subset_table", "model_inputs"]
+__all__ = ["Predictions", "predict_loader", "evaluate_predictions", "subset_table", "model_inputs", "ClassSelect"]
 
 
 @dataclass
@@ -26,6 +26,19 @@ class Predictions:
     @property
     def preds(self) -> np.ndarray:
         return self.probs.argmax(1)
+
+
+class ClassSelect(nn.Module):
+    """A classifier whose outputs are taken in another order or subset: ``index[j]`` is the model output that becomes
+    class ``j`` (cross-dataset evaluation: a 7-class model scored in a test set's own class order)."""
+
+    def __init__(self, model: nn.Module, index: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self.model(x, **extra).index_select(1, self.index.to(x.device))
 
 
 def model_inputs(batch: dict[str, torch.Tensor], model: nn.Module | None = None

@@ -16,9 +16,10 @@ __all__ = ["register_cli", "run_predict", "predict_command"]
 _log = logging.getLogger("ferkit")
 
 
-def _add_face_args(p: argparse.ArgumentParser, default_faces: str = "detect") -> None:
-    p.add_argument("--faces", choices=("detect", "none"), default=default_faces,
-                   help="detect: find and align faces in photos; none: inputs already are face crops "
+def _add_face_args(p: argparse.ArgumentParser, default_faces: str = "auto") -> None:
+    p.add_argument("--faces", choices=("auto", "detect", "none"), default=default_faces,
+                   help="auto: images the size of a face crop (<= 192 px, near square) are taken whole, larger ones "
+                        "go through detection; detect: always detect and align; none: every input is a face crop "
                         f"(default: {default_faces})")
     p.add_argument("--detector", choices=("auto", "mediapipe", "haar"), default="auto",
                    help="face detector (auto: mediapipe when installed, else OpenCV Haar cascades)")
@@ -49,7 +50,8 @@ def register_cli(sub: argparse._SubParsersAction, commands: dict[str, Callable[[
     commands["export"] = _guard(_cmd_export)
 
     p = sub.add_parser("serve", help="web page + JSON endpoint to classify the faces of uploaded photos")
-    p.add_argument("checkpoint", help="run directory or .safetensors checkpoint")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="run directory, .safetensors checkpoint or weights name (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
@@ -107,7 +109,7 @@ def _iter_inputs(paths: list[str]) -> Iterator[tuple[Path, Path]]:
 
 
 def _columns(class_names: list[str]) -> list[str]:
-    return ["path", "face", "status", "label", "error", "x0", "y0", "x1", "y1", "score",
+    return ["path", "face", "status", "source", "label", "error", "x0", "y0", "x1", "y1", "score",
             *[f"p_{c}" for c in class_names]]
 
 
@@ -162,10 +164,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from .predictor import VIDEO_EXTENSIONS, Predictor
 
+    model, args.paths = split_model_and_paths(args.checkpoint, list(args.paths))
     if not args.paths and args.webcam is None:
         raise DataError("nothing to predict: give image / folder / video paths or --webcam N")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+    predictor = Predictor.from_checkpoint(model, device=args.device, batch_size=args.batch_size,
                                           faces=args.faces, detector=_detector(args), margin=args.margin)
+    _log.info("model: %s (%s, %d classes: %s)", model, predictor.meta.get("model"), len(predictor.class_names),
+              ", ".join(predictor.class_names))
     videos = [Path(p) for p in args.paths if Path(p).suffix.lower() in VIDEO_EXTENSIONS]
     images = [p for p in args.paths if Path(p).suffix.lower() not in VIDEO_EXTENSIONS]
     if args.webcam is not None:
@@ -174,11 +179,36 @@ def run_predict(args: argparse.Namespace) -> int:
         _predict_stream(predictor, video, video.stem, args)
     if images:
         _predict_images(predictor, images, args)
+        print(f"ferkit predict: {predictor.summary()}" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
+def is_model_spec(item: str | None) -> bool:
+    """A weights name, a checkpoint file or a run directory (``checkpoints/`` or ``config.yaml`` inside) — not an
+    image, video or folder of images."""
+    from ferkit.models.weights import is_weights_name
+
+    if item is None:
+        return False
+    p = Path(item)
+    return (is_weights_name(item) or p.suffix in (".safetensors", ".pt", ".pth")
+            or (p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.yaml").is_file())))
+
+
+def split_model_and_paths(first: str | None, paths: list[str]) -> tuple[str, list[str]]:
+    """``ferkit predict [MODEL] PATH...``: the first argument is the model when it names one, else the first path
+    and the built-in model is used."""
+    from ferkit.models.weights import DEFAULT_WEIGHTS
+
+    if is_model_spec(first):
+        return str(first), paths
+    if first is not None:
+        _log.info("no model given: using the built-in %s", DEFAULT_WEIGHTS)
+    return DEFAULT_WEIGHTS, ([first] if first is not None else []) + paths
+
+
 def _detector(args: argparse.Namespace):
-    if args.faces != "detect":
+    if args.faces == "none":
         return None
     from .faces import FaceBackendError, make_detector
 
@@ -200,8 +230,9 @@ def _predict_images(predictor, paths: list[str], args: argparse.Namespace) -> No
     rel_of = {str(f): rel for f, rel in todo}
     sink = _RowSink(out, _columns(predictor.class_names), append=bool(done), landmarks=args.landmarks)
     annotate = Path(args.annotate) if args.annotate else None
+    results = predictor.predict_sources(((str(f), f) for f, _ in todo), keep_images=annotate is not None)
     try:
-        for result in predictor.predict_sources(((str(f), f) for f, _ in todo), keep_images=annotate is not None):
+        for result in _progress(results, len(todo), "images", enabled=len(todo) > 1):
             sink.write([p.row(args.landmarks) for p in result.predictions])
             if annotate is not None and result.image is not None:
                 target = (annotate / rel_of[result.path]).with_suffix(".jpg")
@@ -217,13 +248,23 @@ def _predict_stream(predictor, source, stem: str, args: argparse.Namespace) -> N
     frames_dir = Path(args.frames_dir or args.annotate or ".")
     video_out = Path(args.annotate) / f"{stem}.mp4" if args.annotate else None
     summary = predict_video(predictor, source, stride=args.stride, csv_path=frames_dir / f"{stem}.frames.csv",
-                            video_out=video_out, max_frames=args.max_frames)
+                            video_out=video_out, max_frames=args.max_frames, progress=sys.stderr.isatty())
     _log.info("%s: %d frames read, %d classified, %d faces -> %s%s", source, summary.frames_read,
               summary.frames_classified, summary.faces, frames_dir / f"{stem}.frames.csv",
               f", {video_out}" if video_out else "")
 
 
 predict_command = _guard(run_predict)
+
+
+def _progress(iterable, total: int | None, unit: str, enabled: bool = True):
+    """A progress bar on stderr (tqdm) for folders and videos; silent when stderr is not a terminal and for one
+    image, so pipes and logs stay clean."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, unit=f" {unit}", desc="predict", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------- others
@@ -253,7 +294,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .predictor import Predictor
     from .serve import ServeConfig, run_server
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, faces=args.faces,
+    from ferkit.models.weights import DEFAULT_WEIGHTS
+
+    predictor = Predictor.from_checkpoint(args.checkpoint or DEFAULT_WEIGHTS, device=args.device, faces=args.faces,
                                           detector=_detector(args), margin=args.margin)
     config = ServeConfig(max_bytes=int(args.max_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
     run_server(predictor, args.host, args.port, config)

@@ -7,9 +7,18 @@ optional ``face_margin``), torchvision-style, so nothing else from the training 
 ``faces="detect"``: faces are found (``ferkit.inference.faces``), aligned to the model's input and classified; an
 image yields one prediction per face, or one row that says why there is none (no face, unreadable file, unsupported
 format) — a bad input never stops a run.
+``faces="auto"`` (the CLI's default): an image the size and shape of a face crop (longer side <= ``CROP_MAX_SIDE``,
+aspect ratio <= ``CROP_MAX_ASPECT``: FER2013's 48 px, RAF-DB's 100 px, CK+, SFEW's aligned faces) is taken as a crop,
+as these sets are distributed and as the models were trained; anything larger goes through detection. Every row says
+which (``source``: ``detected`` or ``crop``).
+
+A model trained on ferkit's synthetic faces carries ``dataset: synthetic`` in its metadata; the predictor then holds
+a ``domain_warning`` (logged, shown by ``ferkit serve``): such a model is not meant for real photos.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -22,12 +31,20 @@ from ferkit.config import AugmentConfig
 from ferkit.data.base import DataError, open_image, to_mode
 from ferkit.data.transforms import build_transform
 from ferkit.engine.checkpoint import CheckpointError, load_weights
-from ferkit.models import create_model
+from ferkit.models import DEFAULT_WEIGHTS, create_model
 
 from .faces import DEFAULT_MARGIN, FaceDetector, align_face, make_detector
 
+_logger = logging.getLogger("ferkit")
+
 __all__ = ["Predictor", "Prediction", "ImageResult", "load_checkpoint_model", "resolve_checkpoint",
-           "resolve_device", "iter_image_files", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS"]
+           "resolve_device", "iter_image_files", "looks_like_crop", "domain_warning", "IMAGE_EXTENSIONS",
+           "VIDEO_EXTENSIONS", "FACE_MODES"]
+
+FACE_MODES = ("auto", "detect", "none")
+# px: face crops as FER2013 (48), CK+48, RAF-DB (100), SFEW (143x181) ship them; JAFFE's photos (256) are not crops
+CROP_MAX_SIDE = 192
+CROP_MAX_ASPECT = 1.6  # longer / shorter side
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -35,7 +52,15 @@ ImageInput = Image.Image | np.ndarray | str | Path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory resolves to its best checkpoint (else last); a file is taken as is."""
+    """A run directory resolves to its best checkpoint (else last); a file is taken as is; a weights name
+    (``ferkit:resnet18-fer7``, a file under ``$FERKIT_WEIGHTS``) resolves through :mod:`ferkit.models.weights`."""
+    from ferkit.models.weights import WeightsNotFound, is_weights_name, resolve_weights
+
+    if is_weights_name(path) or not Path(path).exists():
+        try:
+            path = resolve_weights(path)
+        except WeightsNotFound as e:
+            raise CheckpointError(str(e)) from None
     p = Path(path)
     if p.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -79,11 +104,12 @@ class Prediction:
     score: float | None = None  # detector confidence
     landmarks: np.ndarray | None = field(default=None, repr=False)  # (68, 2) iBUG points in source pixels
     status: str = "ok"  # ok | no_face | unreadable | unsupported
+    source: str | None = None  # how the face was found: detected | crop (taken whole as a face crop)
 
     def row(self, landmarks: bool = False) -> dict[str, Any]:
         """Flat record for CSV / JSON lines / DataFrames (landmarks only on request: 136 numbers)."""
-        out: dict[str, Any] = {"path": self.path, "face": self.face, "status": self.status, "label": self.label,
-                               "error": self.error}
+        out: dict[str, Any] = {"path": self.path, "face": self.face, "status": self.status, "source": self.source,
+                               "label": self.label, "error": self.error}
         x0, y0, x1, y1 = self.box if self.box is not None else (None,) * 4
         out.update(x0=x0, y0=y0, x1=x1, y1=y1, score=None if self.score is None else round(self.score, 4))
         if self.probs:
@@ -115,8 +141,9 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "cpu", batch_size: int = 64,
                  faces: str = "none", detector: FaceDetector | str | None = None, margin: float | None = None):
-        if faces not in ("none", "detect"):
-            raise ValueError(f"faces={faces!r}: expected 'none' (inputs are crops) or 'detect'")
+        if faces not in FACE_MODES:
+            raise ValueError(f"faces={faces!r}: expected 'auto' (crops taken whole, photos detected), 'detect' or "
+                             "'none' (inputs are crops)")
         if "depth" in meta.get("modalities", ["image"]):
             raise CheckpointError(f"{meta['model']} needs a depth map beside each image; photo inference is RGB only")
         self.device = resolve_device(device)
@@ -129,9 +156,13 @@ class Predictor:
                                          grayscale=bool(meta.get("grayscale", False)))
         self.faces = faces
         self.margin = float(margin if margin is not None else meta.get("face_margin", DEFAULT_MARGIN))
-        if faces == "detect" and not hasattr(detector, "detect"):
+        if faces != "none" and not hasattr(detector, "detect"):
             detector = make_detector(detector or "auto")
-        self.detector: FaceDetector | None = detector if faces == "detect" else None
+        self.detector: FaceDetector | None = detector if faces != "none" else None
+        self.counts: Counter = Counter()  # images and faces by outcome, for the one-line summary
+        self.domain_warning = domain_warning(meta)
+        if self.domain_warning:
+            _logger.warning("%s", self.domain_warning)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 64, faces: str = "none",
@@ -141,6 +172,13 @@ class Predictor:
         return cls(model, meta, device, batch_size, faces=faces, detector=detector, margin=margin)
 
     from_run = from_checkpoint  # a run directory resolves to its best checkpoint
+
+    @classmethod
+    def from_pretrained(cls, name: str = DEFAULT_WEIGHTS, device: str = "cpu", batch_size: int = 64,
+                        faces: str = "auto", detector: FaceDetector | str | None = None,
+                        margin: float | None = None) -> "Predictor":
+        """Named weights (``ferkit models`` lists them; the built-in model by default), never downloaded."""
+        return cls.from_checkpoint(name, device, batch_size, faces=faces, detector=detector, margin=margin)
 
     # ---------------------------------------------------------------------------------------------- tensors
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -206,9 +244,10 @@ class Predictor:
                 return _Pending(name, None, [], [Prediction(name, None, None, msg, status="unsupported")])
             return _Pending(name, None, [], [Prediction(name, None, None, str(e), status="unreadable")])
         kept = image if keep_image else None
-        if self.detector is None:
+        if self.detector is None or (self.faces == "auto" and looks_like_crop(image.size)):
             w, h = image.size
-            return _Pending(name, kept, [self.preprocess(image)], [Prediction(name, None, None, box=(0, 0, w, h))])
+            return _Pending(name, kept, [self.preprocess(image)],
+                            [Prediction(name, None, None, box=(0, 0, w, h), source="crop")])
         faces = self.detector.detect(image)
         if not faces:
             return _Pending(name, kept, [], [Prediction(name, None, None, "no face detected", status="no_face")])
@@ -217,7 +256,7 @@ class Predictor:
         for k, face in enumerate(faces):
             crops.append(self.preprocess(align_face(arr, face, self.input_size, self.margin).image))
             rows.append(Prediction(name, None, None, box=face.int_box, face=k, score=face.score,
-                                   landmarks=face.landmarks))
+                                   landmarks=face.landmarks, source="detected"))
         return _Pending(name, kept, crops, rows)
 
     def _flush(self, pending: list[_Pending]) -> Iterator[ImageResult]:
@@ -231,7 +270,41 @@ class Predictor:
                     pr = next(flat)
                     row.label = self.class_names[int(pr.argmax())]
                     row.probs = dict(zip(self.class_names, map(float, pr)))
+            self._count(p.rows)
             yield ImageResult(p.path, p.rows, p.image)
+
+    def _count(self, rows: list[Prediction]) -> None:
+        self.counts["images"] += 1
+        first = rows[0]
+        if first.status != "ok":
+            self.counts[first.status] += 1
+            return
+        self.counts["crop" if first.source == "crop" else "images_with_faces"] += 1
+        self.counts["faces"] += len(rows)
+
+    def summary(self) -> str:
+        """One line: images read, faces detected (in how many images), images taken as crops, failures."""
+        c = self.counts
+        parts = [f"{c['images']} images", f"{c['faces'] - c['crop']} faces detected in {c['images_with_faces']}",
+                 f"{c['crop']} taken as face crops", f"{c['no_face']} without a face"]
+        parts += [f"{c[k]} {k}" for k in ("unreadable", "unsupported") if c[k]]
+        return ", ".join(parts)
+
+
+def looks_like_crop(size: tuple[int, int]) -> bool:
+    """An image the size and shape of a face crop as FER datasets distribute them (see ``faces="auto"``)."""
+    w, h = size
+    return max(w, h) <= CROP_MAX_SIDE and max(w, h) <= CROP_MAX_ASPECT * max(min(w, h), 1)
+
+
+def domain_warning(meta: dict) -> str | None:
+    """The warning a model trained on synthetic faces carries (``None`` for real data)."""
+    if meta.get("dataset") != "synthetic":
+        return None
+    return (f"{meta.get('model', 'this model')} was trained on ferkit's synthetic faces, not on real photos: expect "
+            "wrong answers on real faces (on JAFFE such a model was right for 19.7 % of faces). For real faces use "
+            "the built-in model (ferkit:resnet18-fer7, the default of `ferkit predict` / `ferkit serve`) or a model "
+            "trained on real data.")
 
 
 def _memory_format(model: torch.nn.Module) -> torch.memory_format:

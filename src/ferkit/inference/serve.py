@@ -99,7 +99,8 @@ class PredictService:
         return {"model": self.predictor.meta.get("model"), "class_names": self.predictor.class_names,
                 "input_size": self.predictor.input_size, "faces": self.predictor.faces,
                 "detector": getattr(det, "name", None), "max_bytes": self.config.max_bytes,
-                "max_pixels": self.config.max_pixels, "accepted": sorted(_PIL_FORMATS)}
+                "max_pixels": self.config.max_pixels, "accepted": sorted(_PIL_FORMATS),
+                "dataset": self.predictor.meta.get("dataset"), "warning": self.predictor.domain_warning}
 
     def extract_upload(self, body: bytes, content_type: str) -> bytes:
         """The image bytes of a raw or multipart request (415 for any other declared type)."""
@@ -133,7 +134,7 @@ class PredictService:
         start = time.perf_counter()
         with self._lock:
             rows = self.predictor.predict([image])[0]
-        faces = [{"box": list(r.box), "score": r.score, "label": r.label,
+        faces = [{"box": list(r.box), "score": r.score, "label": r.label, "source": r.source,
                   "probs": {k: round(v, 5) for k, v in (r.probs or {}).items()},
                   "landmarks": None if r.landmarks is None else r.landmarks.round(1).tolist()}
                  for r in rows if r.status == "ok"]
@@ -142,6 +143,8 @@ class PredictService:
                                "elapsed_ms": round(1000 * (time.perf_counter() - start), 1)}
         if not faces:
             out["message"] = "no face found in the picture"
+        if self.predictor.domain_warning:
+            out["warning"] = self.predictor.domain_warning
         return out
 
 

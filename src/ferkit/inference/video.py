@@ -60,15 +60,21 @@ def _open(source: str | int | Path) -> cv2.VideoCapture:
 
 def predict_video(predictor: Predictor, source: str | int | Path, stride: int = 1, csv_path: str | Path | None = None,
                   video_out: str | Path | None = None, max_frames: int | None = None,
-                  on_frame: Callable[[int, list[Prediction]], None] | None = None) -> VideoSummary:
+                  on_frame: Callable[[int, list[Prediction]], None] | None = None,
+                  progress: bool = False) -> VideoSummary:
     """Classify the faces of every ``stride``-th frame of a file or webcam (int index).
 
     ``csv_path``: one row per face per classified frame (a frame without a face is a ``no_face`` row).
     ``video_out``: annotated copy (MP4, codec mp4v) at the source's frame rate.
+    ``progress``: a frame progress bar on stderr (tqdm; of the container's frame count where it reports one).
+    Frames are whole scenes, never face crops: under ``faces="auto"`` they always go through detection.
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     cap = _open(source)
+    mode = predictor.faces
+    if mode == "auto":
+        predictor.faces = "detect"
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
     fps = fps if 0 < fps < 1000 else 25.0  # webcams and some containers report 0
     writer, fh, rows = None, None, None
@@ -81,7 +87,14 @@ def predict_video(predictor: Predictor, source: str | int | Path, stride: int = 
             fh = open(csv_path, "w", newline="", encoding="utf-8")
             rows = csv.DictWriter(fh, fieldnames=video_columns(predictor.class_names), extrasaction="ignore")
             rows.writeheader()
-        for index, frame in iter_frames(cap, max_frames):
+        frames = iter_frames(cap, max_frames)
+        if progress:
+            from tqdm import tqdm
+
+            total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
+            total = min(total, max_frames) if total and max_frames else (total or max_frames)
+            frames = tqdm(frames, total=total, unit=" frames", desc=str(source))
+        for index, frame in frames:
             n_read += 1
             size = (frame.shape[1], frame.shape[0])
             if index % stride == 0:
@@ -101,6 +114,7 @@ def predict_video(predictor: Predictor, source: str | int | Path, stride: int = 
     except KeyboardInterrupt:
         _log.info("stopped after %d frames", n_read)
     finally:
+        predictor.faces = mode
         cap.release()
         if writer is not None:
             writer.release()

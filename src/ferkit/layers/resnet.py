@@ -71,7 +71,8 @@ def trunk_checkpoint_filter(state: dict, model: nn.Module, classifier: tuple[str
     """``checkpoint_filter_fn`` body for models made of this trunk (``features.*``) plus a head of their own.
 
     A ferkit checkpoint (keys under ``features.``) passes through. A torchvision / MS-Celeb trunk file is mapped onto
-    ``features.*`` with its own classifier dropped; the model's head keys outside ``classifier`` are declared fresh
+    ``features.*`` with its own classifier dropped; a ferkit trunk file (``features.*`` keys only) is taken as is;
+    in both cases the model's head keys outside ``classifier`` are declared fresh
     (a :class:`~ferkit.models.registry.FilteredState`), so the loader reports them as missing (``kept_fresh``) and a
     strict load still succeeds, and the classifier as new.
     """
@@ -80,8 +81,11 @@ def trunk_checkpoint_filter(state: dict, model: nn.Module, classifier: tuple[str
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if any(k.startswith("features.") for k in state):
-        return state
-    state = drop_source_classifier(torchvision_resnet_to_trunk(state))
+        if not all(k.startswith("features.") for k in state):
+            return state  # a whole ferkit checkpoint of this model
+        # else a ferkit trunk file (features.* only, e.g. the FERPlus-pretrained trunk): the head stays fresh
+    else:
+        state = drop_source_classifier(torchvision_resnet_to_trunk(state))
     fresh = [k for k in model.state_dict() if not k.startswith("features.")
              and not any(k == c or k.startswith(c + ".") for c in classifier)]
     return FilteredState(state, fresh=fresh)

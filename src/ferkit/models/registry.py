@@ -201,6 +201,7 @@ def create_model(name: str, num_classes: int = 7, pretrained: str | Path | None 
                  strict: bool = True, **kwargs: Any) -> nn.Module:
     """Build a registered model; optionally load weights from a user-given file through its filter function.
 
+    ``pretrained``: a weights file, or a name (``ferkit:resnet18-fer7``; :mod:`ferkit.models.weights`).
     ``model.key_report`` holds the load report when weights were given.
     """
     _ensure_loaded()
@@ -210,6 +211,9 @@ def create_model(name: str, num_classes: int = 7, pretrained: str | Path | None 
     model = fn(num_classes=num_classes, **{**info.default_kwargs, **kwargs})
     model.model_name = name  # type: ignore[attr-defined]
     if pretrained:
+        from .weights import resolve_weights
+
+        pretrained = resolve_weights(pretrained)  # a path, or a name: ferkit:resnet18-fer7, $FERKIT_WEIGHTS/<name>
         state = load_state_file(pretrained)
         if info.filter_fn is not None:
             state = info.filter_fn(state, model)

@@ -20,8 +20,13 @@ function setStatus(text, isError) {
 async function loadInfo() {
   const info = await (await fetch("/api/info")).json();
   classNames = info.class_names;
-  $("model-info").textContent = `model ${info.model} · ${info.class_names.length} expressions · ` +
-    `faces: ${info.faces === "detect" ? "detected by " + info.detector : "inputs are face crops"}`;
+  const faces = {detect: "detected by " + info.detector, none: "inputs are face crops",
+    auto: "small images taken as face crops, photos detected by " + info.detector}[info.faces];
+  $("model-info").textContent = `model ${info.model} · ${info.class_names.length} expressions · faces: ${faces}`;
+  if (info.warning) {
+    $("domain-warning").textContent = "Warning: " + info.warning;
+    $("domain-warning").hidden = false;
+  }
   $("limits").textContent = `${info.accepted.join(", ").toUpperCase()} · up to ` +
     `${+(info.max_bytes / 1048576).toFixed(1)} MiB`;
 }
