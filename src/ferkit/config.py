@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class AugmentConfig:
     hflip: bool = True
+    hflip_prob: float = 0.5  # RandomHorizontalFlip's probability when hflip is on
     crop_padding: int = 4  # random crop after padding (the "weak" view, SPEC 2.3); 0 = off
     scale_jitter: float = 0.0  # RandomResizedCrop min scale as 1 - jitter; 0 = off
     rotation: float = 0.0  # degrees
@@ -32,6 +33,12 @@ class AugmentConfig:
     randaugment_ops: int = 0  # RandAugment(num_ops) (the "strong" view uses 2)
     randaugment_magnitude: int = 9
     erasing: float = 0.0  # RandomErasing probability
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.25])  # erased area / image area, (min, max)
+    # the official POSTER / ARM "basic_aug": with this probability, one of {horizontal flip, Gaussian pixel noise},
+    # equally likely, on the source image before resizing (both official codes: 0.5)
+    flip_or_noise: float = 0.0
+    gaussian_noise: float = 0.0  # probability of Gaussian pixel noise on its own
+    noise_var: float = 30.0  # its variance on the 0-255 pixel scale (official add_gaussian_noise: var 30)
 
 
 @dataclass
@@ -386,7 +393,12 @@ def _check_values(cfg: Config) -> None:
     need(0 <= d.noise.rate < 1, "data.noise.rate", "must be in [0, 1)", d.noise.rate)
     need(not (d.noise.file and d.noise.rate > 0), "data.noise.file", "is a noisy label list; it cannot be combined "
          "with synthetic noise (data.noise.rate > 0)", d.noise.file)
-    need(0 <= d.augment.erasing <= 1, "data.augment.erasing", "must be a probability", d.augment.erasing)
+    a = d.augment
+    for key in ("erasing", "hflip_prob", "flip_or_noise", "gaussian_noise"):
+        need(0 <= getattr(a, key) <= 1, f"data.augment.{key}", "must be a probability", getattr(a, key))
+    need(len(a.erasing_scale) == 2 and 0 < a.erasing_scale[0] <= a.erasing_scale[1] < 1, "data.augment.erasing_scale",
+         "must be [min, max] with 0 < min <= max < 1", a.erasing_scale)
+    need(a.noise_var >= 0, "data.augment.noise_var", "must be >= 0", a.noise_var)
     need(d.synthetic.num_classes in (7, 8), "data.synthetic.num_classes", "must be 7 or 8", d.synthetic.num_classes)
     need((d.mean is None) == (d.std is None), "data.std", "mean and std must be given together", d.std)
     need(d.std is None or all(s > 0 for s in d.std), "data.std", "must be > 0", d.std)

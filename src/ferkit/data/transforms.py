@@ -16,10 +16,25 @@ from torchvision.transforms import v2
 
 from ferkit.config import AugmentConfig
 
-__all__ = ["SampleTransform", "build_transform", "DEPTH_MEAN_STD"]
+__all__ = ["SampleTransform", "PixelNoise", "build_transform", "DEPTH_MEAN_STD"]
 
 DEPTH_MEAN_STD = (0.5, 0.25)  # default depth normalisation (depth maps in [0, 1]); RGB-D protocols set per-fold stats
 _NUMERIC_KEYS = ("label", "index", "yaw", "pitch", "intensity", "noisy", "true_label", "soft_label")
+
+
+class PixelNoise(v2.Transform):
+    """Additive Gaussian noise of variance ``var`` on 0-255 pixel values, clipped to uint8 (the official POSTER / ARM
+    ``add_gaussian_noise``). Touches 8-bit images only: depth maps and landmarks pass through unchanged."""
+
+    def __init__(self, var: float):
+        super().__init__()
+        self.std = float(var) ** 0.5
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image) or inpt.dtype != torch.uint8:
+            return inpt
+        noisy = inpt.float() + torch.randn(inpt.shape) * self.std
+        return tv_tensors.wrap(noisy.round_().clamp_(0, 255).to(torch.uint8), like=inpt)
 
 
 class SampleTransform:
@@ -31,16 +46,23 @@ class SampleTransform:
         self.grayscale = grayscale
         self.depth_mean_std = depth_mean_std
         aug = augment
-        geometric: list[Any] = [v2.Resize((size, size), antialias=True)]
+        geometric: list[Any] = []
         photometric: list[Any] = []
         post: list[Any] = []
+        if aug is not None:  # on the source image, before resizing, as the official POSTER / ARM code
+            if aug.flip_or_noise > 0:
+                one_of = v2.RandomChoice([v2.RandomHorizontalFlip(p=1.0), PixelNoise(aug.noise_var)])
+                geometric.append(v2.RandomApply([one_of], p=aug.flip_or_noise))
+            if aug.gaussian_noise > 0:
+                geometric.append(v2.RandomApply([PixelNoise(aug.noise_var)], p=aug.gaussian_noise))
+        geometric.append(v2.Resize((size, size), antialias=True))
         if aug is not None:
             if aug.scale_jitter > 0:
                 geometric.append(v2.RandomResizedCrop(size, scale=(1 - aug.scale_jitter, 1.0), antialias=True))
             if aug.crop_padding > 0:
                 geometric.append(v2.RandomCrop(size, padding=aug.crop_padding))
             if aug.hflip:
-                geometric.append(v2.RandomHorizontalFlip())
+                geometric.append(v2.RandomHorizontalFlip(p=aug.hflip_prob))
             if aug.rotation > 0:
                 geometric.append(v2.RandomRotation(aug.rotation))
             if aug.color_jitter > 0:
@@ -49,7 +71,7 @@ class SampleTransform:
             if aug.randaugment_ops > 0:
                 photometric.append(v2.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude))
             if aug.erasing > 0:
-                post.append(v2.RandomErasing(p=aug.erasing, scale=(0.02, 0.25)))
+                post.append(v2.RandomErasing(p=aug.erasing, scale=tuple(aug.erasing_scale)))
         self.geometric = v2.Compose(geometric)
         self.photometric = v2.Compose(photometric) if photometric else None
         self.normalize = v2.Normalize(list(mean), list(std))
@@ -102,7 +124,8 @@ def build_transform(kind: str, size: int, mean: Sequence[float], std: Sequence[f
         aug = AugmentConfig(hflip=True, crop_padding=4)
     elif kind == "strong":
         aug = AugmentConfig(hflip=True, crop_padding=4, randaugment_ops=2,
-                            randaugment_magnitude=augment.randaugment_magnitude, erasing=augment.erasing)
+                            randaugment_magnitude=augment.randaugment_magnitude, erasing=augment.erasing,
+                            erasing_scale=list(augment.erasing_scale))
     else:
         raise ValueError(f"unknown transform kind {kind!r} (eval, train, weak, strong)")
     return SampleTransform(size, mean, std, aug, grayscale=grayscale, depth_mean_std=depth_mean_std)

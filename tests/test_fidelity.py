@@ -1,0 +1,73 @@
+"""Fidelity to the official code (issue 17): the POSTER and ARM train transforms follow their official recipes
+(flip / Gaussian noise / erasing statistics over many samples)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ferkit.config import load_config
+from ferkit.data.transforms import PixelNoise, build_transform
+
+
+def _source() -> Image.Image:
+    """100 px (RAF-DB's size): a dark left half and a bright right half, both flat."""
+    a = np.full((100, 100, 3), 220, np.uint8)
+    a[:, :50] = 30
+    return Image.fromarray(a)
+
+
+def _statistics(preset: str, n: int = 1500) -> dict[str, float]:
+    cfg = load_config(preset, check=False)
+    tf = build_transform("train", 64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], cfg.data.augment)
+    torch.manual_seed(0)
+    flipped = noisy = both = erased = 0
+    areas = []
+    image = _source()
+    for _ in range(n):
+        x = tf({"image": image, "label": 0})["image"]
+        hole = (x == 0).all(0)  # RandomErasing writes 0 after normalisation; no source pixel normalises to 0
+        if hole.any():
+            erased += 1
+            areas.append(hole.float().mean().item())
+        left, right = x[0, :, 4:28], x[0, :, 36:60]
+        is_flipped = bool(left.mean() > right.mean())
+        bright = left if is_flipped else right
+        is_noisy = bool(bright[~hole[:, 36:60] if not is_flipped else ~hole[:, 4:28]].std() > 0.01)
+        flipped += is_flipped
+        noisy += is_noisy
+        both += is_flipped and is_noisy
+    return {"flip": flipped / n, "noise": noisy / n, "both": both / n, "erased": erased / n,
+            "max_area": max(areas), "mean_area": float(np.mean(areas))}
+
+
+@pytest.mark.parametrize("preset, flip, noise", [
+    ("poster_rafdb", 0.50, 0.25),  # basic_aug (flip or noise, p 0.5) then RandomHorizontalFlip: net flip 1/2
+    ("arm_rafdb", 0.25, 0.25),  # basic_aug only: a flip or noise, never both
+])
+def test_official_train_transforms_statistics(preset, flip, noise):
+    s = _statistics(preset)
+    assert abs(s["flip"] - flip) < 0.05 and abs(s["noise"] - noise) < 0.05, s
+    if preset == "arm_rafdb":
+        assert s["both"] == 0  # one of the two, as the official basic_aug
+    assert abs(s["erased"] - 0.5) < 0.05, s  # RandomErasing p 0.5
+    assert s["max_area"] <= 0.1 + 0.01 and 0.03 < s["mean_area"] < 0.08, s  # scale (0.02, 0.1), not (0.02, 0.25)
+
+
+def test_pixel_noise_has_the_official_variance_and_leaves_depth_alone():
+    from torchvision import tv_tensors
+
+    torch.manual_seed(0)
+    image = tv_tensors.Image(torch.full((3, 200, 200), 128, dtype=torch.uint8))
+    depth = tv_tensors.Image(torch.rand(1, 20, 20))
+    out = PixelNoise(30)({"image": image, "depth": depth})
+    assert out["image"].dtype == torch.uint8 and abs(out["image"].float().var().item() - 30) < 2
+    assert torch.equal(out["depth"], depth)
+
+
+def test_augmentation_values_are_validated():
+    from ferkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.augment.erasing_scale"):
+        load_config("resnet18_synthetic", ["data.augment.erasing_scale=[0.3, 0.1]"])
+    with pytest.raises(ConfigError, match="data.augment.flip_or_noise"):
+        load_config("resnet18_synthetic", ["data.augment.flip_or_noise=1.5"])
