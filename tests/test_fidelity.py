@@ -71,3 +71,33 @@ def test_augmentation_values_are_validated():
         load_config("resnet18_synthetic", ["data.augment.erasing_scale=[0.3, 0.1]"])
     with pytest.raises(ConfigError, match="data.augment.flip_or_noise"):
         load_config("resnet18_synthetic", ["data.augment.flip_or_noise=1.5"])
+
+
+def test_dsan_paper_presets_split_the_optimisers_as_section_4_2():
+    from ferkit.engine.optim import build_optimizer
+    from ferkit.methods import build_method
+    from ferkit.models import create_model
+
+    for preset in ("dsan_rafdb", "dsan_ferplus", "dsan_affectnet7"):
+        assert load_config(preset, check=False).method.kwargs["optimisation"] == "paper", preset
+    cfg = load_config("dsan_rafdb", check=False)
+    model = create_model("dsan", num_classes=7, **cfg.model.kwargs)
+    method = build_method("dsan", model, **cfg.method.kwargs)
+    specs = {s.name: s for s in method.optimizer_specs()}
+    assert set(specs) == {"model", "first_branch"}
+    sgd = build_optimizer(specs["first_branch"], cfg.optim)
+    adam = build_optimizer(specs["model"], cfg.optim)
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(adam, torch.optim.Adam)
+    g = sgd.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"]) == (0.9, 0.9, 1e-4)
+    assert (adam.param_groups[0]["lr"], adam.param_groups[0]["weight_decay"]) == (1e-3, 1e-4)
+    first = {id(p) for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in first}
+    assert names == {n for n, _ in model.gfe_an.named_parameters(prefix="gfe_an") if not n.startswith("gfe_an.fc.")}
+    assert id(method.centres.centres) in first  # the centres learn with the first branch (L_FR_C, L_CCS)
+    everything = {id(p) for p in model.parameters()} | {id(method.centres.centres)}
+    assert first | {id(p) for p in adam.param_groups[0]["params"]} == everything
+    assert not first & {id(p) for p in adam.param_groups[0]["params"]}
+    # ferkit's variant stays available by name: network on the config's optimiser, centres alone on SGD 0.5
+    ferkit = build_method("dsan", create_model("dsan", num_classes=7), optimisation="ferkit")
+    assert [s.name for s in ferkit.optimizer_specs()] == ["model", "centres"]

@@ -12,13 +12,20 @@ L_FR = L_FR_CE + λ1 L_FR_C + λ2 L_CCS (Eq. 6) on GFE-AN and CE on MFF-AN.
   from a random trunk, FR_C is lowest with the attention switched off, and it won over the still-flat CE (a
   from-scratch DSAN stayed at chance; the from-scratch presets also lower the lr, see ``dsan_synthetic``).
 
+Optimisation (``optimisation``): ``"paper"`` is §4.2's split — the first branch (GFE-AN's HFE1 and SA, trained with
+L_FR and L_CCS) and the class centres by SGD (lr 0.9, momentum 0.9, weight decay 1e-4, the paper's values), the rest
+(trunk, MFF-AN and both classifiers) by the config's optimiser (Adam 1e-3 in the paper presets); the centres take the
+plain gradient of Eq. 6. ``"ferkit"`` (the default; the from-scratch and CPU-scale presets) puts every network weight
+on the config's optimiser and only the centres on their own SGD (``centre_lr``, no momentum, no weight decay, step
+independent of λ1, see above). The paper presets (``dsan_rafdb`` and its children) use ``"paper"``.
+
 Table 5's loss variants are ``loss_variant`` (see :data:`LOSS_VARIANTS`): with SA off (a ≡ 1) Eq. 7 reduces L_FR to
 CE, centre loss and island loss. :data:`ABLATIONS` names every ablation row of Tables 5-7 and Figs. 6, 8, 9 as config
 overrides. ``on_train_epoch_end`` logs P(a_ij = 0) over the epoch's training samples (Fig. 10).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -99,8 +106,14 @@ class DSANMethod(Method):
     """Owns the DSAN model and its class centres; one step = one forward of both streams and Eq. 11."""
 
     def __init__(self, model: nn.Module, lambda1: float = 0.01, lambda2: float = 0.01, centre_lr: float = 0.5,
-                 loss_variant: str = "fr", label_smoothing: float = 0.0, centre_warmup_epochs: int = 0):
+                 loss_variant: str = "fr", label_smoothing: float = 0.0, centre_warmup_epochs: int = 0,
+                 optimisation: Literal["ferkit", "paper"] = "ferkit", sgd_lr: float = 0.9, sgd_momentum: float = 0.9,
+                 sgd_weight_decay: float = 1e-4):
         super().__init__(model)
+        if optimisation not in ("ferkit", "paper"):
+            raise ValueError(f"method.kwargs.optimisation: 'ferkit' or 'paper', got {optimisation!r}")
+        self.optimisation = optimisation
+        self.sgd = {"lr": sgd_lr, "momentum": sgd_momentum, "weight_decay": sgd_weight_decay}  # §4.2, paper split
         if not isinstance(model, DSAN):
             raise ValueError(f"method dsan: needs model.name=dsan, got {type(model).__name__}")
         if loss_variant not in LOSS_VARIANTS:
@@ -124,9 +137,25 @@ class DSANMethod(Method):
         self._zero = self._total = 0.0
 
     def optimizer_specs(self) -> list[OptimizerSpec]:
+        if self.optimisation == "paper":
+            return self._paper_specs()
         specs = [OptimizerSpec("model", [p for p in self.model.parameters() if p.requires_grad])]
         if self.centres is not None:
             specs.append(centre_optimizer_spec(self.centres, lr=self.centre_lr))
+        return specs
+
+    def _paper_specs(self) -> list[OptimizerSpec]:
+        """§4.2: "the first branch with L_FR and L_CCS using SGD" (GFE-AN without its classifier, and the centres),
+        "the second branch and the two classifiers ... using Adam" (the config's optimiser; the trunk too)."""
+        gfe = self.model.gfe_an
+        first = [p for n, p in gfe.named_parameters() if not n.startswith("fc.")] if gfe is not None else []
+        first += list(self.centres.parameters()) if self.centres is not None else []
+        taken = {id(p) for p in first}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in taken]
+        specs = [OptimizerSpec("model", rest)]
+        if first:
+            specs.append(OptimizerSpec("first_branch", [p for p in first if p.requires_grad], kind="sgd",
+                                       overrides=dict(self.sgd)))
         return specs
 
     def feature_recalibration_loss(self, out: DSANOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,7 +164,8 @@ class DSANMethod(Method):
         terms = {"fr_ce": F.cross_entropy(out.gfe_logits, labels, label_smoothing=self.label_smoothing)}  # Eq. 3
         fr = terms["fr_ce"]
         if self.centres is not None:
-            centres = self.centres.weighted(self.lambda1)  # the centres step by α ∂(FR_C + λ2/λ1 CCS)/∂c
+            # ferkit: the centres step by α ∂(FR_C + λ2/λ1 CCS)/∂c; paper: the plain gradient of Eq. 6
+            centres = self.centres.weighted(self.lambda1) if self.optimisation == "ferkit" else self.centres.centres
             feature, attention = out.gfe_feature, out.attention
             if self._centre_ramp < 1.0:
                 feature = scale_gradient(feature, self._centre_ramp)
