@@ -101,3 +101,42 @@ def test_dsan_paper_presets_split_the_optimisers_as_section_4_2():
     # ferkit's variant stays available by name: network on the config's optimiser, centres alone on SGD 0.5
     ferkit = build_method("dsan", create_model("dsan", num_classes=7), optimisation="ferkit")
     assert [s.name for s in ferkit.optimizer_specs()] == ["model", "centres"]
+
+
+def test_rgbd_loss_is_eq5_as_printed_on_a_fixed_batch():
+    from ferkit.methods.rgbd import RGBDIsland
+
+    class Features(torch.nn.Module):  # forward_features = the input itself; a fixed linear head
+        num_classes, num_features = 3, 2
+
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(2, 3)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+                self.head.bias.zero_()
+
+        def forward_features(self, x, **extra):
+            return x.flatten(1)
+
+        def forward_head(self, f):
+            return self.head(f)
+
+    feat = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0], [-1.0, 1.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    method = RGBDIsland(Features(), lambda_centre=0.01, lambda_island=10.0)
+    method.set_epoch_context(class_counts=[2, 1, 1])
+    with torch.no_grad():
+        method.centres.centres.copy_(torch.tensor([[1.0, 1.0], [0.0, -1.0], [1.0, -1.0]]))
+    out = method.training_step({"image": feat.view(4, 2, 1, 1), "label": labels}, None)
+    # by hand: w_c = N / (K n_c) = 4 / (3 n_c); Eq. 2 divides by N; Eq. 4 sums; Eq. 6 over ordered pairs
+    w = torch.tensor([4 / 6, 4 / 3, 4 / 3])
+    logp = torch.log_softmax(feat @ torch.tensor([[1.0, 0, -1], [0, 1.0, -1]]), 1)
+    ce = -(w[labels] * logp[torch.arange(4), labels]).sum() / 4
+    c = method.centres.centres.detach()
+    lc = 0.5 * ((feat - c[labels]) ** 2).sum()
+    cos = torch.nn.functional.cosine_similarity(c[:, None], c[None], dim=2)
+    li = (cos + 1).sum() - (cos + 1).diagonal().sum()
+    torch.testing.assert_close(out.loss, ce + 0.01 * lc + 10.0 * li)
+    cai = RGBDIsland(Features(), lambda_centre=0.01, lambda_island=10.0, eq5="cai")  # the other reading, by name
+    assert cai.eq5 == "cai"

@@ -165,7 +165,8 @@ def test_recipe_loss_is_weighted_ce_plus_centre_plus_island():
     from ferkit.methods import build_method
 
     torch.manual_seed(0)
-    method = build_method("rgbd", _StubNet(), lambda_centre=0.01, lambda_island=10.0)
+    # the Cai et al. reading, by name (the default is Eq. 5 as printed: tests/test_fidelity.py)
+    method = build_method("rgbd", _StubNet(), lambda_centre=0.01, lambda_island=10.0, eq5="cai")
     method.set_epoch_context(class_counts=np.array([4, 2, 2]))  # w = N / (K n_c) = [2/3, 4/3, 4/3]
     x = torch.randn(4, 3, 1, 1)
     y = torch.tensor([0, 1, 2, 0])
