@@ -240,3 +240,11 @@ def test_data_stats_report_noisy_lists_and_protocol_drops(tmp_path):
     write_ferplus_generated(tmp_path / "fp")
     votes = split_stats(build_dataset("ferplus", tmp_path / "fp", "train"), hash_images=False)
     assert "6 rows, 2 left out by the protocol (1 tie, 1 unknown majority)" in stats_markdown([votes])
+
+
+def test_noise_file_on_a_dataset_without_lists_is_one_line():
+    from ferkit.data.build import build_splits
+
+    cfg = load_config("resnet18_fer2013", ["data.noise.file=x.txt"])
+    with pytest.raises(ValueError, match="data.noise.file: dataset 'fer2013' has no published noisy label lists"):
+        build_splits(cfg.data)

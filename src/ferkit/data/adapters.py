@@ -1152,6 +1152,17 @@ def known_datasets() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def adapters_with_option(option: str) -> list[str]:
+    """The datasets whose adapter takes ``option`` (e.g. ``noise_file``: the published noisy label lists)."""
+    return sorted(n for n, b in ADAPTERS.items() if option in (_options(b) or []))
+
+
+def canonical_dataset(name: str) -> str:
+    """A dataset name with the common spellings (``raf-db``, ``ck+48``) mapped onto the registered one."""
+    key = str(name).strip().lower()
+    return _ALIASES.get(key, key)
+
+
 def _options(builder: Callable[..., Any]) -> list[str] | None:
     """Keyword options a builder accepts beyond (root, split, skip_bad); None if it takes ``**opts``."""
     params = inspect.signature(builder).parameters.values()
@@ -1163,8 +1174,7 @@ def _options(builder: Callable[..., Any]) -> list[str] | None:
 def build_dataset(name: str, root: str | Path | None, split: str, *, skip_bad: bool = False,
                   **opts: Any) -> FaceDataset:
     """Build dataset ``name`` (see :data:`ADAPTERS`); unknown names or options are one-line ``ValueError``s."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
+    key = canonical_dataset(name)
     builder = ADAPTERS.get(key)
     if builder is None:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())}")

@@ -56,6 +56,12 @@ def build_dataset(d: DataConfig, split: str, progress: bool = False, *, train: b
     else:
         options = dict(d.options)
         if train and d.noise.file:
+            from .adapters import adapters_with_option, canonical_dataset
+
+            readers = adapters_with_option("noise_file")
+            if canonical_dataset(d.dataset) not in readers:
+                raise ValueError(f"data.noise.file: dataset {d.dataset!r} has no published noisy label lists "
+                                 f"(read by: {', '.join(readers)}); use data.noise.rate for synthetic noise")
             options["noise_file"] = d.noise.file
         ds = build_adapter(d.dataset, d.root, split, skip_bad=d.skip_bad, **options)
     return _decode_once(ds, d, progress)

@@ -24,8 +24,7 @@ import torch
 from ferkit._files import remove_stale_temps
 
 __all__ = ["CheckpointError", "STALE_TEMP_S", "atomic_write_bytes", "save_weights", "load_weights", "read_metadata",
-           "save_part",
-           "save_state", "load_state", "capture_rng", "restore_rng"]
+           "save_part", "save_state", "load_state", "capture_rng", "restore_rng"]
 
 
 class CheckpointError(RuntimeError):
