@@ -31,6 +31,7 @@ def test_rafdb_noise_file_flips_against_the_clean_list(tmp_path):
     assert ds.targets.tolist() == [4, 2, 6, 5]
     assert ds.clean_targets.tolist() == [4, 0, 6, 3]
     assert np.flatnonzero(ds.targets != ds.clean_targets).tolist() == [1, 3]
+    assert (ds.load(1)["label"], ds.load(1)["true_label"]) == (2, 0)  # D3FER scores its corrections on true_label
     assert build_dataset("rafdb", root, "train").clean_targets is None
 
 
@@ -57,6 +58,8 @@ def test_trainer_records_the_flips_of_a_noise_file(tmp_path):
                                              "train.progress=false", "train.tensorboard=false"])
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.noisy_indices.tolist() == [1, 3]
+    sample = trainer.train_views[(0, 3)]
+    assert (sample["label"], sample["true_label"]) == (5, 3)  # the noisy list's label, and the clean one
     record = (tmp_path / "run" / "noise.json").read_text()
     assert '"file": "EmoLabel/noise.txt"' in record and '"flipped_indices": [1, 3]' in record and '"rate": 0.5' in record
 

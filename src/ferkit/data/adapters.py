@@ -126,6 +126,8 @@ class AdapterDataset(FaceDataset):
     def load(self, index: int) -> dict[str, Any]:
         r = self.records[index]
         sample: dict[str, Any] = {"image": self._image(r, index), "label": r.label, "index": index}
+        if "clean_label" in r.meta:  # labels from a noisy list: the clean one scores D3FER's label correction
+            sample["true_label"] = r.meta["clean_label"]
         if r.subject is not None:
             sample["subject"] = r.subject
         for key in self.sample_keys:

@@ -35,7 +35,7 @@ class SeededViews(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         raw = self.dataset.load(index)
         if self.labels is not None:
-            raw["true_label"] = raw["label"]
+            raw.setdefault("true_label", raw["label"])  # a noisy list's dataset already gives its clean label
             raw["label"] = int(self.labels[index])
         out: dict[str, Any] = {}
         with torch.random.fork_rng(devices=[]):
