@@ -182,3 +182,21 @@ def test_predict_shows_progress_on_a_terminal_only(monkeypatch):
     bar = inference_cli._progress(items, 3, "images")
     assert bar is not items and list(bar) == items and bar.total == 3
     assert inference_cli._progress(items, 1, "images", enabled=False) is items
+
+
+def test_mixture_maps_every_part_into_one_label_space(tmp_path):
+    from ferkit.data.mixture import build_mixture
+
+    for part, folders in (("a", ("happy", "sad")), ("b", ("contempt", "sadness", "happiness"))):
+        for folder in folders:
+            (tmp_path / part / "train" / folder).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / part / "train" / folder / "0.png")
+    parts = [{"dataset": "imagefolder", "root": str(tmp_path / "a"), "splits": {"train": "train"}},
+             {"dataset": "imagefolder", "root": str(tmp_path / "b"), "splits": {"train": "train", "test": "train"}}]
+    mix = build_mixture(parts, "fer2013", "train")
+    assert mix.class_names == FER7 and len(mix) == 4  # b's contempt has no place in the 7 classes: left out
+    assert sorted(mix.targets.tolist()) == [3, 3, 4, 4]  # happiness, sadness in FER2013 order
+    assert mix.dropped == {"imagefolder: contempt (not in the target classes)": 1}
+    assert set(mix.subsets()) == {"part=imagefolder"}  # one mask per part name (both parts are image folders)
+    assert [mix.load(i)["label"] for i in range(4)] == mix.targets.tolist()
+    assert len(build_mixture(parts, "fer2013", "test")) == 2  # only part b has a test split
