@@ -13,6 +13,7 @@ filtering curves under ``docs/rafdb_cpu/`` (``--plots``), and (default; ``--no-r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -72,7 +73,9 @@ def history(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+@functools.cache
 def profile(row: str) -> dict:
+    """Params / MACs of a row's model at its CPU-scale input (one measurement per method, whatever its runs)."""
     from ferkit.analysis.profile import profile_model
     from ferkit.config import load_config
 
@@ -86,7 +89,7 @@ def result_row(run: Path, row: str, noise: int, seed: int) -> dict:
     last = h[-1]
     out = {"row": row, "noise": noise, "seed": seed, "run": str(run), "epochs": last["epoch"],
            "wa": last["test"]["wa"], "ua": last["test"]["ua"], "minutes": round(last.get("time_s", 0) / 60, 1),
-           "confusion": last["test"].get("confusion"), **profile(row), **facts()}
+           "confusion": last["test"].get("confusion"), "history": h, **profile(row), **facts()}
     noisy = [r for r in h if "filter_precision" in r]
     if noisy:
         out["filter"] = [{"epoch": r["epoch"], "precision": r.get("filter_precision"), "recall": r.get("filter_recall"),
@@ -109,7 +112,7 @@ def plots(rows: list[dict], out: Path) -> list[str]:
             plot_confusion(np.asarray(r["confusion"]), LABEL_SPACES["rafdb"], out / name,
                            title=f"{ROWS[r['row']][0]}, {r['noise']} % noise, seed {r['seed']}: WA {100 * r['wa']:.2f} %")
             made.append(name)
-    d3fer = {f"{r['noise']} % noise (seed {r['seed']})": history(Path(r["run"])) for r in rows
+    d3fer = {f"{r['noise']} % noise (seed {r['seed']})": r["history"] for r in rows
              if r["row"] == "d3fer" and r["noise"] > 0}
     if d3fer:
         plot_filtering_curves(d3fer, out / "d3fer_filtering.png", title="D3FER on RAF-DB, noise0N.txt")
@@ -198,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with JsonLines(args.out / "rafdb_cpu.jsonl") as emit:
         for run, r, n, s in sorted(run_dir_all(args.out)):
-            rows.append(emit(result_row(run, r, n, s)))
+            row = result_row(run, r, n, s)
+            emit({k: v for k, v in row.items() if k != "history"})  # the JSON line carries the filter summary
+            rows.append(row)
     trunk = Path(args.trunk)
     meta = None
     if trunk.is_file():

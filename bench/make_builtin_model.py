@@ -87,7 +87,8 @@ def jaffe(name: str, root: Path) -> dict:
         start = time.perf_counter()
         ferkit("predict", name, str(root), "--out", str(out))
         seconds = time.perf_counter() - start
-        rows = list(csv.DictReader(open(out, encoding="utf-8")))
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
     images = {r["path"] for r in rows}
     first = {}
     for r in rows:  # the most confident face of each photo (detections come most confident first)

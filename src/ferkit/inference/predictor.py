@@ -54,14 +54,12 @@ ImageInput = Image.Image | np.ndarray | str | Path
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory resolves to its best checkpoint (else last); a file is taken as is; a weights name
     (``ferkit:resnet18-fer7``, a file under ``$FERKIT_WEIGHTS``) resolves through :mod:`ferkit.models.weights`."""
-    from ferkit.models.weights import WeightsNotFound, is_weights_name, resolve_weights
+    from ferkit.models.weights import WeightsNotFound, resolve_weights
 
-    if is_weights_name(path) or not Path(path).exists():
-        try:
-            path = resolve_weights(path)
-        except WeightsNotFound as e:
-            raise CheckpointError(str(e)) from None
-    p = Path(path)
+    try:
+        p = resolve_weights(path)  # an existing path comes back as is
+    except WeightsNotFound as e:
+        raise CheckpointError(str(e)) from None
     if p.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
             if (p / "checkpoints" / name).is_file():
